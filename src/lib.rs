@@ -1,0 +1,1 @@
+//! pgfleet (skeleton).
