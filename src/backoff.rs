@@ -1,0 +1,54 @@
+//! Restart backoff: exponential with jitter, bounded, reset after a stable period.
+
+use std::time::Duration;
+
+/// The delay before restart number `attempt` (0-based) of a failed server actor.
+///
+/// `min * 2^attempt`, capped at `max`, with "equal jitter": half of it fixed and half
+/// drawn from `unit` (a number in `[0, 1)`), so restarts of many servers spread out
+/// while each delay stays within `[d/2, d]` of the exponential curve and never exceeds `max`.
+pub(crate) fn restart_delay(attempt: u32, min: Duration, max: Duration, unit: f64) -> Duration {
+    let base = min
+        .checked_mul(1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX))
+        .unwrap_or(max)
+        .min(max)
+        .max(min.min(max));
+    let half = base / 2;
+    let unit = if unit.is_finite() { unit.clamp(0.0, 1.0) } else { 0.0 };
+    half + half.mul_f64(unit)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const MIN: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn grows_then_caps() {
+        assert_eq!(restart_delay(0, MIN, MAX, 1.0), MIN);
+        assert_eq!(restart_delay(1, MIN, MAX, 1.0), MIN * 2);
+        assert_eq!(restart_delay(3, MIN, MAX, 1.0), MIN * 8);
+        assert_eq!(restart_delay(20, MIN, MAX, 1.0), MAX);
+        assert_eq!(restart_delay(u32::MAX, MIN, MAX, 1.0), MAX);
+        assert_eq!(restart_delay(3, MIN, MAX, 0.0), MIN * 4);
+    }
+
+    proptest! {
+        #[test]
+        fn stays_in_bounds(attempt in any::<u32>(), unit in any::<f64>(), min_ms in 1u64..10_000, extra in 0u64..100_000) {
+            let min = Duration::from_millis(min_ms);
+            let max = min + Duration::from_millis(extra);
+            let d = restart_delay(attempt, min, max, unit);
+            prop_assert!(d <= max);
+            prop_assert!(d >= min / 2);
+        }
+
+        #[test]
+        fn never_shrinks_with_attempts(attempt in 0u32..40) {
+            prop_assert!(restart_delay(attempt + 1, MIN, MAX, 0.5) >= restart_delay(attempt, MIN, MAX, 0.5));
+        }
+    }
+}

@@ -1,0 +1,1403 @@
+//! Configuration: the TOML file, its defaults, and its validation.
+//!
+//! One [`Config`] describes one cluster: a `[fleet]` table of timings and
+//! policies, a `[consistency]` table for read routing, one `[primary]` and any
+//! number of `[[replicas]]`. Every table and every key except the servers'
+//! `url` (and a replica's `name`) has a default, so the smallest valid file is
+//!
+//! ```toml
+//! [primary]
+//! url = "postgres://app@10.0.0.1:5432/app"
+//! ```
+//!
+//! `config.example.toml` at the repository root lists every key with its
+//! default. Durations are humantime strings (`"250ms"`, `"5s"`, `"1m 30s"`).
+//!
+//! Loading is two steps: serde turns the TOML into typed structs (unknown keys
+//! are errors, with the key path and line), then [`Config::validate`] checks
+//! what the types cannot (ranges, unique names, orderings between keys).
+//! Passwords never appear in `Debug`, `Display`, serialized output or errors:
+//! [`ServerUrl`] keeps only a redacted copy of its text for display.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Longest accepted server name: PostgreSQL's identifier limit, so a name can
+/// also serve as an `application_name` suffix or a metric label.
+const MAX_NAME_LEN: usize = 63;
+/// Largest accepted `pool_size`: a bound against typos, far above what one
+/// PostgreSQL server serves well (its own default `max_connections` is 100).
+const MAX_POOL_SIZE: usize = 10_000;
+/// Largest accepted `weight` / `read_weight`, so weight sums never overflow.
+const MAX_WEIGHT: u32 = 10_000;
+/// Longest accepted duration: longer values are surely typos, and this keeps
+/// `Instant + duration` arithmetic elsewhere in the crate far from overflow.
+const MAX_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// A whole pgfleet configuration: one primary, its replicas, and the policies
+/// that route leases between them.
+///
+/// Build it from TOML with [`Config::from_path`] or [`Config::from_toml_str`],
+/// or in code with [`Config::new`] and then [`Config::validate`].
+///
+/// `Debug` and `Serialize` show server URLs with their passwords replaced by
+/// `***`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[non_exhaustive]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `[fleet]`: timeouts, health checking, balancing, restarts.
+    /// Default: every key at its own default (see [`FleetConfig`]).
+    #[serde(default)]
+    pub fleet: FleetConfig,
+    /// `[consistency]`: which reads replicas may serve, and the fallback.
+    /// Default: every key at its own default (see [`ConsistencyConfig`]).
+    #[serde(default)]
+    pub consistency: ConsistencyConfig,
+    /// `[primary]`: the server that takes writes. Required (at least its `url`).
+    pub primary: PrimaryConfig,
+    /// `[[replicas]]`: the streaming replicas that serve reads.
+    /// Default: none (every lease goes to the primary).
+    #[serde(default)]
+    pub replicas: Vec<ReplicaConfig>,
+}
+
+/// `[fleet]`: timeouts, health checking, load balancing and restarts.
+///
+/// Every key is optional; [`FleetConfig::default`] holds the defaults.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[non_exhaustive]
+#[serde(default, deny_unknown_fields)]
+pub struct FleetConfig {
+    /// Longest a lease may wait for a connection (pool checkout included)
+    /// before it fails. Default: `2s`.
+    #[serde(with = "humantime_serde")]
+    pub lease_timeout: Duration,
+    /// Time between two health probes of one server; a tick is skipped while
+    /// a probe is still in flight. Default: `250ms`.
+    #[serde(with = "humantime_serde")]
+    pub probe_interval: Duration,
+    /// Longest one probe may take before it counts as failed (its connection
+    /// is then dropped). At most `down_after`. Default: `1s`.
+    #[serde(with = "humantime_serde")]
+    pub probe_timeout: Duration,
+    /// Bound on the whole connect: TCP, TLS, startup and authentication.
+    /// Default: `2s`.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Idle time on a connection before TCP keepalive probes start; at least
+    /// `1s` (the kernel counts it in whole seconds). Default: `10s`.
+    #[serde(with = "humantime_serde")]
+    pub tcp_keepalive: Duration,
+    /// `TCP_USER_TIMEOUT`: how long sent data may stay unacknowledged before
+    /// the kernel drops the connection, so a query hung on a dead server fails
+    /// in bounded time. Default: `10s`.
+    #[serde(with = "humantime_serde")]
+    pub tcp_user_timeout: Duration,
+    /// Consecutive failed probes after which a server is reported unhealthy
+    /// and leaves rotation. At least 1. Default: `3`.
+    pub failure_threshold: u32,
+    /// A server unreachable this long makes its actor stop with an error, so
+    /// the supervisor restarts it with a fresh pool. Default: `5s`.
+    #[serde(with = "humantime_serde")]
+    pub down_after: Duration,
+    /// How reads are spread over eligible replicas. Default:
+    /// `"least_outstanding"`.
+    pub strategy: Strategy,
+    /// Backoff of the supervisor's server restarts. Default:
+    /// `{ min_backoff = "100ms", max_backoff = "10s", stable_after = "30s" }`.
+    pub restart: RestartConfig,
+    /// Window over which a returning server ramps its weight up linearly
+    /// instead of taking its full share at once; `"0s"` turns slow start off
+    /// (the one duration that may be zero). Default: `0s`.
+    #[serde(with = "humantime_serde")]
+    pub slow_start: Duration,
+    /// Bound on read-your-writes leases parked waiting for a replica to catch
+    /// up; over it a lease fails fast. At least 1. Default: `1024`.
+    pub max_waiters: usize,
+    /// Longest a shutdown waits for leases to return and actors to stop
+    /// before it stops them anyway. Default: `5s`.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        Self {
+            lease_timeout: Duration::from_secs(2),
+            probe_interval: Duration::from_millis(250),
+            probe_timeout: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(2),
+            tcp_keepalive: Duration::from_secs(10),
+            tcp_user_timeout: Duration::from_secs(10),
+            failure_threshold: 3,
+            down_after: Duration::from_secs(5),
+            strategy: Strategy::default(),
+            restart: RestartConfig::default(),
+            slow_start: Duration::ZERO,
+            max_waiters: 1024,
+            shutdown_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// `[fleet.restart]`: exponential backoff (with jitter) between restarts of a
+/// failed server actor.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[non_exhaustive]
+#[serde(default, deny_unknown_fields)]
+pub struct RestartConfig {
+    /// First delay before restarting a failed server; at most `max_backoff`.
+    /// Default: `100ms`.
+    #[serde(with = "humantime_serde")]
+    pub min_backoff: Duration,
+    /// Cap on the delay between restarts. Default: `10s`.
+    #[serde(with = "humantime_serde")]
+    pub max_backoff: Duration,
+    /// A server that stayed up this long has its backoff reset to
+    /// `min_backoff`. Default: `30s`.
+    #[serde(with = "humantime_serde")]
+    pub stable_after: Duration,
+}
+
+impl Default for RestartConfig {
+    fn default() -> Self {
+        Self {
+            min_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(10),
+            stable_after: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[consistency]`: which replicas may serve which reads, and what happens when
+/// none can.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[non_exhaustive]
+#[serde(default, deny_unknown_fields)]
+pub struct ConsistencyConfig {
+    /// Consistency of a read that does not ask for one. Default: `"eventual"`.
+    pub default_read: DefaultRead,
+    /// Replay lag in bytes beyond which a replica serves no eventual reads.
+    /// Default: `16777216` (16 MiB).
+    pub max_lag_bytes: u64,
+    /// Replay lag in time beyond which a replica serves no eventual reads.
+    /// Default: `5s`.
+    #[serde(with = "humantime_serde")]
+    pub max_lag: Duration,
+    /// Longest a read-your-writes lease waits for a replica to replay the
+    /// write before it falls back; at most `fleet.lease_timeout`.
+    /// Default: `100ms`.
+    #[serde(with = "humantime_serde")]
+    pub ryw_wait: Duration,
+    /// What a read gets when no replica qualifies. Default: `"primary"`.
+    pub fallback: Fallback,
+}
+
+impl Default for ConsistencyConfig {
+    fn default() -> Self {
+        Self {
+            default_read: DefaultRead::default(),
+            max_lag_bytes: 16 * 1024 * 1024,
+            max_lag: Duration::from_secs(5),
+            ryw_wait: Duration::from_millis(100),
+            fallback: Fallback::default(),
+        }
+    }
+}
+
+/// `[primary]`: the server that takes writes and strong reads.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[non_exhaustive]
+#[serde(deny_unknown_fields)]
+pub struct PrimaryConfig {
+    /// Name in leases, status and logs; unique among all servers,
+    /// `[A-Za-z0-9_-]`, at most 63 characters. Default: `"primary"`.
+    #[serde(default = "default_primary_name")]
+    pub name: String,
+    /// Connection URL. Required; see [`ServerUrl`] for the accepted forms.
+    pub url: ServerUrl,
+    /// Maximum pooled connections to this server, 1..=10000. Default: `16`.
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+    /// Share of eventual reads the primary takes next to the replicas'
+    /// weights; `0` means reads reach it only as a fallback. Default: `0`.
+    #[serde(default)]
+    pub read_weight: u32,
+}
+
+impl PrimaryConfig {
+    /// A primary named `"primary"` with every other key at its default.
+    pub fn new(url: ServerUrl) -> Self {
+        Self {
+            name: default_primary_name(),
+            url,
+            pool_size: default_pool_size(),
+            read_weight: 0,
+        }
+    }
+}
+
+/// One `[[replicas]]` entry: a streaming replica that serves reads.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[non_exhaustive]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaConfig {
+    /// Name in leases, status and logs; unique among all servers,
+    /// `[A-Za-z0-9_-]`, at most 63 characters. Required.
+    pub name: String,
+    /// Connection URL. Required; see [`ServerUrl`] for the accepted forms.
+    pub url: ServerUrl,
+    /// Maximum pooled connections to this server, 1..=10000. Default: `16`.
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+    /// Relative share of reads, 0..=10000; `0` keeps the replica out of
+    /// rotation. At least one replica needs a weight above 0. Default: `1`.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+impl ReplicaConfig {
+    /// A replica with weight 1 and the default pool size.
+    pub fn new(name: impl Into<String>, url: ServerUrl) -> Self {
+        Self {
+            name: name.into(),
+            url,
+            pool_size: default_pool_size(),
+            weight: default_weight(),
+        }
+    }
+}
+
+fn default_primary_name() -> String {
+    "primary".to_owned()
+}
+
+fn default_pool_size() -> usize {
+    16
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+/// How reads are spread over the eligible replicas (`fleet.strategy`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[non_exhaustive]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// `"least_outstanding"`: the replica with the fewest leases in flight,
+    /// weighted. The default.
+    #[default]
+    LeastOutstanding,
+    /// `"round_robin"`: smooth weighted round robin.
+    RoundRobin,
+    /// `"random"`: a random replica, with probability proportional to weight.
+    Random,
+}
+
+/// Consistency of a read that does not ask for one (`consistency.default_read`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[non_exhaustive]
+#[serde(rename_all = "snake_case")]
+pub enum DefaultRead {
+    /// `"eventual"`: any healthy replica within `max_lag_bytes` and `max_lag`.
+    /// The default.
+    #[default]
+    Eventual,
+    /// `"strong"`: the primary.
+    Strong,
+}
+
+/// What a read gets when no replica qualifies (`consistency.fallback`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[non_exhaustive]
+#[serde(rename_all = "snake_case")]
+pub enum Fallback {
+    /// `"primary"`: the primary serves it, on a read-only connection. The
+    /// default.
+    #[default]
+    Primary,
+    /// `"error"`: a typed error saying how far behind the best replica is.
+    Error,
+}
+
+impl Config {
+    /// A configuration with this primary, no replicas, and every other key at
+    /// its default. Call [`Config::validate`] after changing fields.
+    pub fn new(primary: PrimaryConfig) -> Self {
+        Self {
+            fleet: FleetConfig::default(),
+            consistency: ConsistencyConfig::default(),
+            primary,
+            replicas: Vec::new(),
+        }
+    }
+
+    /// Reads, parses and validates the TOML file at `path`.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Io`] if the file cannot be read (or is not UTF-8), and
+    /// every error of [`Config::from_toml_str`].
+    pub fn from_path(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml_str(&text)
+    }
+
+    /// Parses and validates a TOML document.
+    ///
+    /// ```
+    /// let config = pgfleet::Config::from_toml_str(
+    ///     r#"
+    ///     [primary]
+    ///     url = "postgres://app@10.0.0.1:5432/app"
+    ///     "#,
+    /// )?;
+    /// assert_eq!(config.primary.pool_size, 16);
+    /// # Ok::<(), pgfleet::ConfigError>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// - [`ConfigError::Syntax`]: malformed TOML, an unknown key, a missing
+    ///   required key, or a value of the wrong type or form (including a bad
+    ///   URL or duration), with its key path, line and column;
+    /// - [`ConfigError::MissingEnv`]: a URL takes its password from an unset
+    ///   environment variable;
+    /// - [`ConfigError::Invalid`]: anything [`Config::validate`] rejects.
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        let deserializer =
+            toml::de::Deserializer::parse(text).map_err(|e| syntax_error(text, None, &e))?;
+        let config: Config = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+            let path = e.path().to_string();
+            syntax_error(text, Some(path), e.inner())
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks everything the types alone do not: ranges, unique names, and
+    /// orderings between keys. [`Config::from_toml_str`] and
+    /// [`Config::from_path`] call it; call it yourself on a configuration
+    /// built or changed in code.
+    ///
+    /// # Errors
+    ///
+    /// The first problem found, as [`ConfigError::Invalid`] naming its key
+    /// (e.g. `replicas[1].weight`), or [`ConfigError::MissingEnv`].
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.fleet.validate()?;
+        self.consistency.validate(&self.fleet)?;
+
+        let primary = &self.primary;
+        check_name("primary.name", &primary.name)?;
+        check_url("primary.url", &primary.url)?;
+        check_pool_size("primary.pool_size", primary.pool_size)?;
+        check_weight("primary.read_weight", primary.read_weight)?;
+
+        for (i, replica) in self.replicas.iter().enumerate() {
+            let key = |field: &str| format!("replicas[{i}].{field}");
+            check_name(&key("name"), &replica.name)?;
+            let mut earlier =
+                std::iter::once(&primary.name).chain(self.replicas[..i].iter().map(|r| &r.name));
+            if let Some(j) = earlier.position(|name| *name == replica.name) {
+                let other_key = match j {
+                    0 => "primary.name".to_owned(),
+                    j => format!("replicas[{}].name", j - 1),
+                };
+                return Err(invalid(
+                    key("name"),
+                    format!(
+                        "server name `{}` is already used by {other_key}; names must be unique",
+                        replica.name
+                    ),
+                ));
+            }
+            check_url(&key("url"), &replica.url)?;
+            check_pool_size(&key("pool_size"), replica.pool_size)?;
+            check_weight(&key("weight"), replica.weight)?;
+        }
+
+        if !self.replicas.is_empty() && self.replicas.iter().all(|r| r.weight == 0) {
+            return Err(invalid(
+                "replicas[*].weight",
+                "every replica has weight 0, so none would serve reads; give at least one a weight above 0",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl FleetConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let positive = [
+            ("fleet.lease_timeout", self.lease_timeout),
+            ("fleet.probe_interval", self.probe_interval),
+            ("fleet.probe_timeout", self.probe_timeout),
+            ("fleet.connect_timeout", self.connect_timeout),
+            ("fleet.tcp_keepalive", self.tcp_keepalive),
+            ("fleet.tcp_user_timeout", self.tcp_user_timeout),
+            ("fleet.down_after", self.down_after),
+            ("fleet.restart.min_backoff", self.restart.min_backoff),
+            ("fleet.restart.max_backoff", self.restart.max_backoff),
+            ("fleet.restart.stable_after", self.restart.stable_after),
+            ("fleet.shutdown_timeout", self.shutdown_timeout),
+        ];
+        for (key, value) in positive {
+            check_duration(key, value, false)?;
+        }
+        check_duration("fleet.slow_start", self.slow_start, true)?;
+
+        if self.tcp_keepalive < Duration::from_secs(1) {
+            return Err(invalid(
+                "fleet.tcp_keepalive",
+                "must be at least 1s (the kernel counts keepalive idle time in whole seconds)",
+            ));
+        }
+        if self.failure_threshold == 0 {
+            return Err(invalid("fleet.failure_threshold", "must be at least 1"));
+        }
+        if self.max_waiters == 0 {
+            return Err(invalid("fleet.max_waiters", "must be at least 1"));
+        }
+        if self.restart.min_backoff > self.restart.max_backoff {
+            return Err(invalid(
+                "fleet.restart.min_backoff",
+                format!(
+                    "{} is more than fleet.restart.max_backoff ({})",
+                    fmt_duration(self.restart.min_backoff),
+                    fmt_duration(self.restart.max_backoff)
+                ),
+            ));
+        }
+        if self.probe_timeout > self.down_after {
+            return Err(invalid(
+                "fleet.probe_timeout",
+                format!(
+                    "{} is more than fleet.down_after ({}): a single slow probe would outlast the time a server may be down",
+                    fmt_duration(self.probe_timeout),
+                    fmt_duration(self.down_after)
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl ConsistencyConfig {
+    fn validate(&self, fleet: &FleetConfig) -> Result<(), ConfigError> {
+        check_duration("consistency.max_lag", self.max_lag, false)?;
+        check_duration("consistency.ryw_wait", self.ryw_wait, false)?;
+        if self.ryw_wait > fleet.lease_timeout {
+            return Err(invalid(
+                "consistency.ryw_wait",
+                format!(
+                    "{} is more than fleet.lease_timeout ({}): the lease would time out before it falls back",
+                    fmt_duration(self.ryw_wait),
+                    fmt_duration(fleet.lease_timeout)
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+fn fmt_duration(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+fn check_duration(key: &str, value: Duration, zero_ok: bool) -> Result<(), ConfigError> {
+    if value.is_zero() && !zero_ok {
+        return Err(invalid(key, "must be more than 0s"));
+    }
+    if value > MAX_DURATION {
+        return Err(invalid(
+            key,
+            format!(
+                "{} is more than the maximum of {}",
+                fmt_duration(value),
+                fmt_duration(MAX_DURATION)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_name(key: &str, name: &str) -> Result<(), ConfigError> {
+    if name.is_empty() {
+        return Err(invalid(key, "must not be empty"));
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(invalid(
+            key,
+            format!(
+                "is {} bytes long; at most {MAX_NAME_LEN} allowed",
+                name.len()
+            ),
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-'))
+    {
+        return Err(invalid(
+            key,
+            format!(
+                "`{name}` contains {c:?}; only letters A-Z a-z, digits, `_` and `-` are allowed"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_pool_size(key: &str, size: usize) -> Result<(), ConfigError> {
+    if size == 0 || size > MAX_POOL_SIZE {
+        return Err(invalid(
+            key,
+            format!("is {size}; must be between 1 and {MAX_POOL_SIZE}"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_weight(key: &str, weight: u32) -> Result<(), ConfigError> {
+    if weight > MAX_WEIGHT {
+        return Err(invalid(
+            key,
+            format!("is {weight}; must be between 0 and {MAX_WEIGHT}"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_url(key: &str, url: &ServerUrl) -> Result<(), ConfigError> {
+    match &url.missing_env {
+        Some(var) => Err(ConfigError::MissingEnv {
+            key: key.to_owned(),
+            var: var.clone(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// An error loading or validating a [`Config`].
+///
+/// No variant ever contains a password: URLs in messages are redacted.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("reading config file {}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why it could not be read.
+        source: std::io::Error,
+    },
+    /// Malformed TOML, an unknown or missing key, or a value of the wrong type
+    /// or form.
+    #[error("{}", fmt_syntax(key.as_deref(), message, *line, *column))]
+    Syntax {
+        /// 1-based line of the offending text.
+        line: usize,
+        /// 1-based column (in characters) of the offending text.
+        column: usize,
+        /// Key path of the offending value (e.g. `replicas[1].weight`), when
+        /// the document parsed as TOML.
+        key: Option<String>,
+        /// What is wrong.
+        message: String,
+    },
+    /// A value that parsed but is not allowed (see [`Config::validate`]).
+    #[error("{key}: {message}")]
+    Invalid {
+        /// Key path of the offending value, e.g. `fleet.probe_interval`.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A URL takes its password from an environment variable that is not set.
+    #[error("{key}: the password comes from environment variable `{var}`, which is not set")]
+    MissingEnv {
+        /// Key path of the URL, e.g. `replicas[0].url`.
+        key: String,
+        /// Name of the unset variable.
+        var: String,
+    },
+}
+
+impl ConfigError {
+    /// Key path the error is about (e.g. `replicas[1].weight`), when known.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            ConfigError::Io { .. } => None,
+            ConfigError::Syntax { key, .. } => key.as_deref(),
+            ConfigError::Invalid { key, .. } | ConfigError::MissingEnv { key, .. } => Some(key),
+        }
+    }
+}
+
+fn fmt_syntax(key: Option<&str>, message: &str, line: usize, column: usize) -> String {
+    match key {
+        Some(key) => format!("{key}: {message} (line {line}, column {column})"),
+        None => format!("invalid TOML: {message} (line {line}, column {column})"),
+    }
+}
+
+/// Turns a toml error (with the serde key path, if any) into
+/// [`ConfigError::Syntax`]. Only the error's message and span are used: its
+/// `Display` quotes the offending source line, which may hold a password.
+fn syntax_error(text: &str, path: Option<String>, error: &toml::de::Error) -> ConfigError {
+    let (line, column) = error
+        .span()
+        .map_or((1, 1), |span| line_column(text, span.start));
+    // serde_path_to_error prints the root path as ".".
+    let mut key = path.filter(|p| p != ".");
+    let mut message = toml_words(&redact_text(error.message()));
+    // "missing field `url`" at `replicas[1]`: report the missing key itself.
+    if let Some(field) = message
+        .strip_prefix("missing field `")
+        .and_then(|rest| rest.strip_suffix('`'))
+    {
+        key = Some(match key {
+            Some(parent) => format!("{parent}.{field}"),
+            None => field.to_owned(),
+        });
+        message = "required key is missing".to_owned();
+    }
+    ConfigError::Syntax {
+        line,
+        column,
+        key,
+        message,
+    }
+}
+
+/// Rewrites serde's type names in TOML's words: `map` is a table, `sequence`
+/// an array, and `struct FleetConfig` is a table too.
+fn toml_words(message: &str) -> String {
+    let mut out = message
+        .replace("invalid type: map,", "invalid type: table,")
+        .replace("expected a sequence", "expected an array");
+    if let Some(i) = out.find("expected struct ") {
+        let name_end = out[i + 16..]
+            .find(|c: char| !c.is_ascii_alphanumeric() && c != '_')
+            .map_or(out.len(), |j| i + 16 + j);
+        out.replace_range(i..name_end, "expected a table");
+    }
+    out
+}
+
+/// 1-based line and column (in characters) of byte `offset` in `text`.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = before.matches('\n').count() + 1;
+    let column = before[line_start..].chars().count() + 1;
+    (line, column)
+}
+
+/// Redacts passwords from free text (error messages that may quote a value):
+/// the password of every `scheme://user:password@` and every `password=value`.
+fn redact_text(text: &str) -> String {
+    redact_password_params(&redact_userinfo(text))
+}
+
+fn redact_userinfo(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        // Like tokio-postgres, the credentials end at the first `@`.
+        match tail.find('@') {
+            Some(at) => {
+                let creds = &tail[..at];
+                match creds.find(':') {
+                    Some(colon) => {
+                        out.push_str(&creds[..=colon]);
+                        out.push_str("***");
+                    }
+                    None => out.push_str(creds),
+                }
+                out.push('@');
+                rest = &tail[at + 1..];
+            }
+            None => rest = tail,
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+fn redact_password_params(text: &str) -> String {
+    const NEEDLE: &str = "password=";
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = find_ascii_case_insensitive(rest, NEEDLE) {
+        let (head, tail) = rest.split_at(i + NEEDLE.len());
+        out.push_str(head);
+        out.push_str("***");
+        let end = if let Some(quoted) = tail.strip_prefix('\'') {
+            // A quoted key=value value: up to the closing quote.
+            quoted.find('\'').map_or(tail.len(), |j| j + 2)
+        } else {
+            tail.find(|c: char| c.is_whitespace() || matches!(c, '&' | '"' | '\'' | '`'))
+                .unwrap_or(tail.len())
+        };
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+fn find_ascii_case_insensitive(haystack: &str, needle: &str) -> Option<usize> {
+    let (h, n) = (haystack.as_bytes(), needle.as_bytes());
+    h.windows(n.len()).position(|w| w.eq_ignore_ascii_case(n))
+}
+
+/// The connection URL of one PostgreSQL server.
+///
+/// Accepted forms are those of [`tokio_postgres::Config`]: a URL
+/// (`postgres://user:password@host:5432/dbname?sslmode=prefer`, or
+/// `postgresql://`) or libpq's `key=value` form (`host=h user=u dbname=d`).
+/// It must name exactly one host and a user. The host is a TCP host name or
+/// address, or (on Unix) a socket directory starting with `/`, e.g.
+/// `postgres://app@%2Fvar%2Frun%2Fpostgresql/app`.
+///
+/// **Passwords from the environment:** when the whole password is
+/// `${NAME}` (e.g. `postgres://app:${PGFLEET_PASSWORD}@10.0.0.1/app`, or
+/// `password=${NAME}` in the query or key=value form), it is read from the
+/// environment variable `NAME` when the URL is parsed. `NAME` is
+/// `[A-Za-z_][A-Za-z0-9_]*`; a password that is literally `${...}` cannot be
+/// written.
+///
+/// `Display`, `Debug` and `Serialize` show the URL as written with the
+/// password replaced by `***` (see [`ServerUrl::redacted`]);
+/// [`ServerUrl::pg_config`] holds the real one.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ServerUrl {
+    /// The parsed connection settings, password included.
+    config: tokio_postgres::Config,
+    /// The text as written, password replaced by `***`.
+    redacted: String,
+    /// TCP host, host address, or Unix socket directory.
+    host: String,
+    /// Whether `host` is a Unix socket directory.
+    unix_socket: bool,
+    /// Port (5432 unless given).
+    port: u16,
+    /// User name (required, so stored unwrapped).
+    user: String,
+    /// Environment variable named by a `${NAME}` password that was unset when
+    /// this URL was parsed; [`Config::validate`] reports it with its key.
+    missing_env: Option<String>,
+}
+
+impl ServerUrl {
+    /// Parses and checks a connection URL, reading a `${NAME}` password from
+    /// the environment.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Invalid`] (key `url`) if it does not parse, names no
+    /// host or several, or no user; [`ConfigError::MissingEnv`] (key `url`)
+    /// if its `${NAME}` password variable is not set. The message never
+    /// contains the input.
+    pub fn parse(s: &str) -> Result<Self, ConfigError> {
+        let url = Self::parse_inner(s).map_err(|e| invalid("url", e.to_string()))?;
+        check_url("url", &url)?;
+        Ok(url)
+    }
+
+    /// The connection settings to connect with, password included.
+    pub fn pg_config(&self) -> &tokio_postgres::Config {
+        &self.config
+    }
+
+    /// The host: a name or address for TCP, or the socket directory (starting
+    /// with `/`) when [`ServerUrl::is_unix_socket`].
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// Whether [`ServerUrl::host`] is a Unix socket directory rather than a
+    /// TCP host.
+    pub fn is_unix_socket(&self) -> bool {
+        self.unix_socket
+    }
+
+    /// The port (for a Unix socket, the number in the socket's file name).
+    /// Default: 5432.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The user name.
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+
+    /// The database name, if given (PostgreSQL defaults it to the user name).
+    pub fn dbname(&self) -> Option<&str> {
+        self.config.get_dbname()
+    }
+
+    /// The URL as written, with the password (if any) replaced by `***`:
+    /// `postgres://app:***@10.0.0.1:5432/app`. Safe to log.
+    pub fn redacted(&self) -> String {
+        self.redacted.clone()
+    }
+
+    fn parse_inner(raw: &str) -> Result<Self, UrlError> {
+        let raw = raw.trim();
+        if raw.is_empty() {
+            return Err(UrlError::Empty);
+        }
+        let url_prefix = ["postgres://", "postgresql://"]
+            .into_iter()
+            .find(|p| raw.starts_with(p));
+        if url_prefix.is_none() {
+            if let Some((scheme, _)) = raw.split_once("://") {
+                if !scheme.contains(|c: char| c.is_whitespace() || c == '=') {
+                    let shown = scheme.len() <= 16
+                        && scheme
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+                    return Err(UrlError::Scheme(shown.then(|| scheme.to_owned())));
+                }
+            }
+            if !raw.contains('=') {
+                return Err(UrlError::NotAUrl);
+            }
+        }
+
+        let mut config =
+            tokio_postgres::Config::from_str(raw).map_err(|e| UrlError::Parse(describe(&e)))?;
+
+        let (host, unix_socket) = match (config.get_hosts(), config.get_hostaddrs()) {
+            ([host], [] | [_]) => match host {
+                tokio_postgres::config::Host::Tcp(name) => (name.clone(), false),
+                #[cfg(unix)]
+                tokio_postgres::config::Host::Unix(dir) => {
+                    (dir.to_string_lossy().into_owned(), true)
+                }
+            },
+            ([], [addr]) => (addr.to_string(), false),
+            ([], []) => return Err(UrlError::NoHost),
+            (hosts, addrs) => return Err(UrlError::Hosts(hosts.len().max(addrs.len()))),
+        };
+        if host.is_empty() {
+            return Err(UrlError::NoHost);
+        }
+        let port = match config.get_ports() {
+            [] => 5432,
+            [0] => return Err(UrlError::PortZero),
+            [port] => *port,
+            ports => return Err(UrlError::Hosts(ports.len())),
+        };
+        let user = match config.get_user() {
+            Some(user) if !user.is_empty() => user.to_owned(),
+            _ => return Err(UrlError::NoUser),
+        };
+
+        let mut missing_env = None;
+        if let Some(var) = config.get_password().and_then(env_reference) {
+            let var = var.to_owned();
+            match std::env::var(&var) {
+                Ok(password) => {
+                    config.password(password);
+                }
+                Err(std::env::VarError::NotPresent) => missing_env = Some(var),
+                Err(std::env::VarError::NotUnicode(_)) => return Err(UrlError::EnvNotUnicode(var)),
+            }
+        } else if config
+            .get_password()
+            .is_some_and(|p| p.starts_with(b"${") && p.ends_with(b"}"))
+        {
+            return Err(UrlError::EnvName);
+        }
+
+        let redacted = match url_prefix {
+            Some(prefix) => redact_url(raw, prefix.len()),
+            None => redact_key_value(raw),
+        };
+        Ok(Self {
+            config,
+            redacted,
+            host,
+            unix_socket,
+            port,
+            user,
+            missing_env,
+        })
+    }
+}
+
+/// `NAME` if `password` is exactly `${NAME}` with a valid variable name.
+fn env_reference(password: &[u8]) -> Option<&str> {
+    let name = password.strip_prefix(b"${")?.strip_suffix(b"}")?;
+    let name = std::str::from_utf8(name).ok()?;
+    let mut chars = name.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+    (first_ok && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')).then_some(name)
+}
+
+/// Why a URL was rejected. Messages never quote the input, which may hold a
+/// password.
+#[derive(Debug)]
+enum UrlError {
+    Empty,
+    NotAUrl,
+    Scheme(Option<String>),
+    Parse(String),
+    NoHost,
+    Hosts(usize),
+    PortZero,
+    NoUser,
+    EnvName,
+    EnvNotUnicode(String),
+}
+
+impl fmt::Display for UrlError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const FORM: &str = "expected postgres://user@host:port/dbname";
+        match self {
+            UrlError::Empty => write!(f, "empty connection URL; {FORM}"),
+            UrlError::NotAUrl => write!(f, "not a connection URL; {FORM}"),
+            UrlError::Scheme(Some(scheme)) => write!(
+                f,
+                "unsupported URL scheme `{scheme}`; use postgres:// or postgresql://"
+            ),
+            UrlError::Scheme(None) => write!(
+                f,
+                "unsupported URL scheme; use postgres:// or postgresql://"
+            ),
+            UrlError::Parse(detail) => write!(f, "invalid connection URL: {detail}"),
+            UrlError::NoHost => write!(f, "the connection URL names no host; {FORM}"),
+            UrlError::Hosts(n) => write!(
+                f,
+                "the connection URL names {n} hosts; exactly one is allowed (list each server as its own entry)"
+            ),
+            UrlError::PortZero => write!(f, "the connection URL has port 0"),
+            UrlError::NoUser => write!(f, "the connection URL names no user; {FORM}"),
+            UrlError::EnvName => write!(
+                f,
+                "the password looks like `${{NAME}}` but NAME is not a valid environment variable name ([A-Za-z_][A-Za-z0-9_]*)"
+            ),
+            UrlError::EnvNotUnicode(var) => write!(
+                f,
+                "the password comes from environment variable `{var}`, which is not valid UTF-8"
+            ),
+        }
+    }
+}
+
+/// Describes a tokio-postgres parse error without the input. Its messages
+/// name problems and option keys, never values, but an unknown "option" is
+/// user text, so only names that look like option names are shown.
+fn describe(error: &tokio_postgres::Error) -> String {
+    let Some(detail) = std::error::Error::source(error).map(ToString::to_string) else {
+        return "malformed connection string".to_owned();
+    };
+    if detail.starts_with("invalid value for option `")
+        || detail == "unterminated parameter"
+        || detail == "unexpected EOF"
+        || detail == "unterminated quoted connection parameter value"
+    {
+        return detail;
+    }
+    if let Some(name) = detail
+        .strip_prefix("unknown option `")
+        .and_then(|rest| rest.strip_suffix('`'))
+    {
+        let plausible = name.len() <= 32
+            && !name.is_empty()
+            && name.chars().all(|c| c.is_ascii_lowercase() || c == '_');
+        return if plausible {
+            format!("unknown option `{name}`")
+        } else {
+            "unknown option".to_owned()
+        };
+    }
+    if detail.starts_with("unexpected character") {
+        return "malformed key=value pair (expected `key=value`)".to_owned();
+    }
+    "malformed connection string (bad percent-encoding?)".to_owned()
+}
+
+/// Redacts a URL-form connection string the way tokio-postgres reads it: the
+/// credentials run to the first `@`, the password from their first `:`; query
+/// keys run to `=`, values to `&`.
+fn redact_url(raw: &str, prefix_len: usize) -> String {
+    let (prefix, rest) = raw.split_at(prefix_len);
+    let mut out = String::with_capacity(raw.len());
+    out.push_str(prefix);
+    let after_creds = match rest.find('@') {
+        Some(at) => {
+            let creds = &rest[..at];
+            match creds.find(':') {
+                Some(colon) => {
+                    out.push_str(&creds[..=colon]);
+                    out.push_str("***");
+                }
+                None => out.push_str(creds),
+            }
+            out.push('@');
+            &rest[at + 1..]
+        }
+        None => rest,
+    };
+    let Some(q) = after_creds.find('?') else {
+        out.push_str(after_creds);
+        return out;
+    };
+    out.push_str(&after_creds[..=q]);
+    let mut params = &after_creds[q + 1..];
+    while !params.is_empty() {
+        let Some(eq) = params.find('=') else {
+            out.push_str(params);
+            break;
+        };
+        let key = &params[..eq];
+        out.push_str(&params[..=eq]);
+        let value_end = params[eq + 1..]
+            .find('&')
+            .map_or(params.len(), |a| eq + 1 + a);
+        if percent_decode(key).as_deref() == Some("password") {
+            out.push_str("***");
+        } else {
+            out.push_str(&params[eq + 1..value_end]);
+        }
+        out.push_str(&params[value_end..(value_end + 1).min(params.len())]);
+        params = &params[(value_end + 1).min(params.len())..];
+    }
+    out
+}
+
+/// Percent-decodes `s`; `None` on a malformed escape or non-UTF-8 result.
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Redacts a libpq `key=value` connection string, tokenized as tokio-postgres
+/// does: keywords run to whitespace or `=`, values are `'quoted'` or run to
+/// whitespace, and `\` escapes the next character in both.
+fn redact_key_value(raw: &str) -> String {
+    let mut out = String::with_capacity(raw.len());
+    let mut copied = 0;
+    let mut chars = raw.char_indices().peekable();
+    let skip_ws = |chars: &mut std::iter::Peekable<std::str::CharIndices<'_>>| {
+        while chars.next_if(|(_, c)| c.is_whitespace()).is_some() {}
+    };
+    loop {
+        skip_ws(&mut chars);
+        let Some(&(key_start, _)) = chars.peek() else {
+            break;
+        };
+        let mut key_end = raw.len();
+        while let Some(&(i, c)) = chars.peek() {
+            if c.is_whitespace() || c == '=' {
+                key_end = i;
+                break;
+            }
+            chars.next();
+        }
+        let key = &raw[key_start..key_end];
+        skip_ws(&mut chars);
+        if chars.next_if(|(_, c)| *c == '=').is_none() {
+            break;
+        }
+        skip_ws(&mut chars);
+        let quoted = chars.next_if(|(_, c)| *c == '\'').is_some();
+        let value_start = chars.peek().map_or(raw.len(), |&(i, _)| i);
+        let mut value_end = raw.len();
+        while let Some(&(i, c)) = chars.peek() {
+            if (quoted && c == '\'') || (!quoted && c.is_whitespace()) {
+                value_end = i;
+                break;
+            }
+            chars.next();
+            if c == '\\' {
+                chars.next();
+            }
+        }
+        if quoted {
+            chars.next();
+        }
+        if key == "password" {
+            out.push_str(&raw[copied..value_start]);
+            out.push_str("***");
+            copied = value_end.max(value_start);
+        }
+    }
+    out.push_str(&raw[copied..]);
+    out
+}
+
+impl fmt::Display for ServerUrl {
+    /// Writes [`ServerUrl::redacted`].
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted)
+    }
+}
+
+impl fmt::Debug for ServerUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("ServerUrl").field(&self.redacted).finish()
+    }
+}
+
+impl FromStr for ServerUrl {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for ServerUrl {
+    /// Parses like [`ServerUrl::parse`], except that an unset `${NAME}`
+    /// password variable is left for [`Config::validate`] to report with the
+    /// URL's key path.
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let raw = String::deserialize(deserializer)?;
+        ServerUrl::parse_inner(&raw).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for ServerUrl {
+    /// Serializes the redacted form: a serialized config never holds a
+    /// password.
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.redacted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_types_can_cross_threads() {
+        fn assert_send_sync<T: Send + Sync + 'static>() {}
+        assert_send_sync::<Config>();
+        assert_send_sync::<ServerUrl>();
+        assert_send_sync::<ConfigError>();
+    }
+
+    #[test]
+    fn line_column_is_one_based_and_counts_chars() {
+        let text = "a = 1\nbé = 2\n";
+        assert_eq!(line_column(text, 0), (1, 1));
+        assert_eq!(line_column(text, 4), (1, 5));
+        assert_eq!(line_column(text, 6), (2, 1));
+        // After the two-byte `é`.
+        assert_eq!(line_column(text, 9), (2, 3));
+        // Inside `é`, and past the end: clamped, no panic.
+        assert_eq!(line_column(text, 8), (2, 2));
+        assert_eq!(line_column(text, 1000), (3, 1));
+        assert_eq!(line_column("", 5), (1, 1));
+    }
+
+    #[test]
+    fn redacts_url_password_and_password_param() {
+        let cases = [
+            (
+                "postgres://app:s3cret@h:5432/db",
+                "postgres://app:***@h:5432/db",
+            ),
+            ("postgres://app@h/db", "postgres://app@h/db"),
+            ("postgres://app:@h/db", "postgres://app:***@h/db"),
+            ("postgresql://a:p:w/x@h", "postgresql://a:***@h"),
+            (
+                "postgres://app@h/db?sslmode=prefer&password=s3cret&application_name=x",
+                "postgres://app@h/db?sslmode=prefer&password=***&application_name=x",
+            ),
+            (
+                "postgres://app@h/db?pass%77ord=s3cret",
+                "postgres://app@h/db?pass%77ord=***",
+            ),
+            ("postgres://h?password=", "postgres://h?password=***"),
+        ];
+        for (raw, want) in cases {
+            let prefix = if raw.starts_with("postgresql") {
+                13
+            } else {
+                11
+            };
+            assert_eq!(redact_url(raw, prefix), want, "{raw}");
+        }
+    }
+
+    #[test]
+    fn redacts_key_value_password() {
+        let cases = [
+            (
+                "host=h user=u password=s3cret",
+                "host=h user=u password=***",
+            ),
+            ("password = 's3 c\\'ret' host=h", "password = '***' host=h"),
+            ("host=h password=a\\ b user=u", "host=h password=*** user=u"),
+            ("host=h user=u", "host=h user=u"),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(redact_key_value(raw), want, "{raw}");
+        }
+    }
+
+    #[test]
+    fn redacts_free_text() {
+        assert_eq!(
+            redact_text(r#"invalid type: string "postgres://u:pw@h/d", expected u32"#),
+            r#"invalid type: string "***", expected u32"#.replace("***", "postgres://u:***@h/d")
+        );
+        assert_eq!(
+            redact_text("x host=h Password=pw y"),
+            "x host=h Password=*** y"
+        );
+        assert_eq!(redact_text("password='a b' c"), "password=*** c");
+        assert_eq!(redact_text("no secrets here"), "no secrets here");
+    }
+
+    #[test]
+    fn serde_words_become_toml_words() {
+        assert_eq!(
+            toml_words("invalid type: integer `3`, expected struct FleetConfig"),
+            "invalid type: integer `3`, expected a table"
+        );
+        assert_eq!(
+            toml_words("invalid type: map, expected a sequence"),
+            "invalid type: table, expected an array"
+        );
+        assert_eq!(toml_words("expected struct "), "expected a table");
+    }
+
+    #[test]
+    fn env_reference_needs_a_valid_name() {
+        assert_eq!(
+            env_reference(b"${PGFLEET_PASSWORD}"),
+            Some("PGFLEET_PASSWORD")
+        );
+        assert_eq!(env_reference(b"${_x1}"), Some("_x1"));
+        assert_eq!(env_reference(b"${}"), None);
+        assert_eq!(env_reference(b"${1X}"), None);
+        assert_eq!(env_reference(b"${A B}"), None);
+        assert_eq!(env_reference(b"$A"), None);
+        assert_eq!(env_reference(b"plain"), None);
+    }
+
+    #[test]
+    fn server_url_accessors() -> Result<(), ConfigError> {
+        let url = ServerUrl::parse("postgres://app:pw@10.0.0.2:6432/appdb")?;
+        assert_eq!(url.host(), "10.0.0.2");
+        assert!(!url.is_unix_socket());
+        assert_eq!(url.port(), 6432);
+        assert_eq!(url.user(), "app");
+        assert_eq!(url.dbname(), Some("appdb"));
+        assert_eq!(url.pg_config().get_password(), Some(&b"pw"[..]));
+        assert_eq!(url.to_string(), "postgres://app:***@10.0.0.2:6432/appdb");
+        assert_eq!(
+            format!("{url:?}"),
+            r#"ServerUrl("postgres://app:***@10.0.0.2:6432/appdb")"#
+        );
+
+        let url = ServerUrl::parse("postgresql://app@db.example/")?;
+        assert_eq!((url.port(), url.dbname()), (5432, None));
+
+        let url = ServerUrl::parse("host=db user=u password=pw port=7000")?;
+        assert_eq!((url.host(), url.port()), ("db", 7000));
+        assert_eq!(url.redacted(), "host=db user=u password=*** port=7000");
+        Ok(())
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn server_url_unix_socket() -> Result<(), ConfigError> {
+        let url = ServerUrl::parse("postgres://app@%2Fvar%2Frun%2Fpostgresql/app")?;
+        assert!(url.is_unix_socket());
+        assert_eq!(url.host(), "/var/run/postgresql");
+        Ok(())
+    }
+
+    #[test]
+    fn server_url_rejections_name_the_problem() {
+        let cases = [
+            ("", "empty"),
+            ("localhost:5432", "not a connection URL"),
+            ("mysql://u:pw@h/db", "scheme `mysql`"),
+            ("postgres://u:pw@h1,h2/db", "2 hosts"),
+            ("postgres://u:pw@/db", "no host"),
+            ("postgres://h/db", "no user"),
+            ("postgres://u:pw@h/db?sslmode=sometimes", "`sslmode`"),
+            ("postgres://u:pw@h/db?bogus=1", "unknown option `bogus`"),
+            ("postgres://u:pw@h/db?Secret99=1", "unknown option"),
+            ("postgres://u:pw@h:0/db", "port 0"),
+            (
+                "postgres://u:${1BAD}@h/db",
+                "not a valid environment variable name",
+            ),
+        ];
+        for (raw, want) in cases {
+            let err = match ServerUrl::parse(raw) {
+                Ok(url) => panic!("{raw} parsed as {url:?}"),
+                Err(e) => e.to_string(),
+            };
+            assert!(err.starts_with("url: "), "{err}");
+            assert!(err.contains(want), "{raw}: {err}");
+            assert!(!err.contains("pw@") && !err.contains("Secret99"), "{err}");
+        }
+    }
+
+    #[test]
+    fn defaults_validate() -> Result<(), ConfigError> {
+        let url = ServerUrl::parse("postgres://app@h/app")?;
+        let mut config = Config::new(PrimaryConfig::new(url.clone()));
+        config.validate()?;
+        config.replicas.push(ReplicaConfig::new("r1", url));
+        config.validate()?;
+        config.fleet.slow_start = Duration::ZERO;
+        config.fleet.lease_timeout = Duration::ZERO;
+        let err = config.validate().err().map(|e| e.to_string());
+        assert_eq!(
+            err.as_deref(),
+            Some("fleet.lease_timeout: must be more than 0s")
+        );
+        Ok(())
+    }
+}

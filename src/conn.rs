@@ -1,0 +1,531 @@
+//! Connections: the whole connect under one timeout, socket options, and a protocol
+//! sniffer that knows each connection's transaction state without a round trip.
+//!
+//! Why a custom deadpool `Manager` instead of deadpool-postgres or bb8-postgres: both
+//! connect through `tokio_postgres::Config::connect`, whose timeout covers only the TCP
+//! connect, and neither can tell whether a returned connection is still inside a
+//! transaction without a query. Owning the socket lets us (1) run TCP connect, startup and
+//! authentication under one `connect_timeout`, (2) set TCP keepalive and
+//! `TCP_USER_TIMEOUT`, and (3) watch the server's `ReadyForQuery` messages, which carry
+//! the transaction status, so a connection released inside a `BEGIN` is rolled back
+//! before reuse at no cost to clean ones. deadpool supplies the rest: bounded waits,
+//! create and recycle timeouts, resizing, and status counters.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_postgres::config::Host;
+use tokio_postgres::{Client, NoTls};
+
+use crate::error::READ_ONLY_SQL_TRANSACTION;
+
+/// Transaction status from the last `ReadyForQuery`: idle.
+const TX_IDLE: u8 = b'I';
+/// In a transaction block.
+const TX_IN_BLOCK: u8 = b'T';
+/// In a failed transaction block.
+const TX_FAILED: u8 = b'E';
+
+/// State the sniffer shares with the pool object.
+#[derive(Debug)]
+pub(crate) struct ConnState {
+    /// Last transaction status byte (`I`, `T`, `E`); `0` before the first `ReadyForQuery`.
+    tx_status: AtomicU8,
+    /// Set when the server refused a write as read-only (SQLSTATE 25006): the server's
+    /// role may have changed, so its actor should probe at once.
+    saw_read_only: AtomicBool,
+}
+
+impl ConnState {
+    fn new() -> Self {
+        ConnState {
+            tx_status: AtomicU8::new(0),
+            saw_read_only: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether the connection sits idle outside any transaction block.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.tx_status.load(Ordering::Acquire) == TX_IDLE
+    }
+
+    /// Whether a write was refused as read-only since the last call (clears the flag).
+    pub(crate) fn take_read_only_refusal(&self) -> bool {
+        self.saw_read_only.swap(false, Ordering::AcqRel)
+    }
+}
+
+/// Where the sniffer is inside the server's message stream.
+#[derive(Debug)]
+enum Frame {
+    /// Collecting the 5-byte header (type + length).
+    Header { buf: [u8; 5], have: usize },
+    /// Inside a message body.
+    Body {
+        kind: u8,
+        remaining: usize,
+        /// The first bytes of an `ErrorResponse` body, enough to find its SQLSTATE.
+        head: Vec<u8>,
+    },
+}
+
+/// An `AsyncRead + AsyncWrite` wrapper that parses the framing of backend messages
+/// (type byte, 4-byte length) to record `ReadyForQuery` status and SQLSTATE 25006.
+///
+/// It only counts bytes; the driver still parses everything. Not used under TLS (issue
+/// for TLS wraps the plaintext side instead).
+#[derive(Debug)]
+pub(crate) struct SniffStream<S> {
+    inner: S,
+    state: Arc<ConnState>,
+    frame: Frame,
+}
+
+impl<S> SniffStream<S> {
+    pub(crate) fn new(inner: S, state: Arc<ConnState>) -> Self {
+        SniffStream {
+            inner,
+            state,
+            frame: Frame::Header {
+                buf: [0; 5],
+                have: 0,
+            },
+        }
+    }
+
+    #[cfg(test)]
+    fn observe(&mut self, data: &[u8]) {
+        observe(&mut self.frame, &self.state, data);
+    }
+}
+
+/// Advances the framing state over `data`, recording what the connection state needs.
+fn observe(frame: &mut Frame, state: &ConnState, mut data: &[u8]) {
+        while !data.is_empty() {
+            match frame {
+                Frame::Header { buf, have } => {
+                    let take = (5 - *have).min(data.len());
+                    buf[*have..*have + take].copy_from_slice(&data[..take]);
+                    *have += take;
+                    data = &data[take..];
+                    if *have == 5 {
+                        let kind = buf[0];
+                        let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+                        *frame = Frame::Body {
+                            kind,
+                            remaining: len.saturating_sub(4),
+                            head: Vec::new(),
+                        };
+                        finish_if_empty(frame, state);
+                    }
+                }
+                Frame::Body {
+                    kind,
+                    remaining,
+                    head,
+                } => {
+                    let take = (*remaining).min(data.len());
+                    if *kind == b'Z' && take > 0 {
+                        state.tx_status.store(data[0], Ordering::Release);
+                    } else if *kind == b'E' && head.len() < 256 {
+                        let room = 256 - head.len();
+                        head.extend_from_slice(&data[..take.min(room)]);
+                    }
+                    *remaining -= take;
+                    data = &data[take..];
+                    finish_if_empty(frame, state);
+                }
+            }
+        }
+}
+
+fn finish_if_empty(frame: &mut Frame, state: &ConnState) {
+    if let Frame::Body {
+        kind,
+        remaining: 0,
+        head,
+    } = frame
+    {
+        if *kind == b'E' && sqlstate(head) == Some(READ_ONLY_SQL_TRANSACTION.as_bytes()) {
+            state.saw_read_only.store(true, Ordering::Release);
+        }
+        *frame = Frame::Header {
+            buf: [0; 5],
+            have: 0,
+        };
+    }
+}
+
+/// The `C` (SQLSTATE) field of an `ErrorResponse` body, if within `body`.
+fn sqlstate(body: &[u8]) -> Option<&[u8]> {
+    let mut rest = body;
+    while let Some((&field, tail)) = rest.split_first() {
+        if field == 0 {
+            return None;
+        }
+        let end = tail.iter().position(|&b| b == 0)?;
+        if field == b'C' {
+            return Some(&tail[..end]);
+        }
+        rest = &tail[end + 1..];
+    }
+    None
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for SniffStream<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let SniffStream {
+            inner,
+            state,
+            frame,
+        } = &mut *self;
+        let res = Pin::new(inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = res {
+            observe(frame, state, &buf.filled()[before..]);
+        }
+        res
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for SniffStream<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// A TCP or Unix-domain socket.
+#[derive(Debug)]
+pub(crate) enum Socket {
+    /// TCP, with keepalive and `TCP_USER_TIMEOUT` set.
+    Tcp(TcpStream),
+    /// A Unix-domain socket (`host=/run/postgresql`).
+    Unix(tokio::net::UnixStream),
+}
+
+macro_rules! delegate {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            Socket::Tcp($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+            Socket::Unix($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+        }
+    };
+}
+
+impl AsyncRead for Socket {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Socket {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        delegate!(self, s => s.poll_write(cx, buf))
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_flush(cx))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_shutdown(cx))
+    }
+}
+
+/// Socket-level settings from `[fleet]`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct NetOptions {
+    /// Bound on the whole connect: TCP, startup, authentication.
+    pub(crate) connect_timeout: Duration,
+    /// Idle time before TCP keepalive probes.
+    pub(crate) tcp_keepalive: Duration,
+    /// `TCP_USER_TIMEOUT`: how long sent data may stay unacknowledged.
+    pub(crate) tcp_user_timeout: Duration,
+}
+
+/// Why a connection could not be made. Never contains the password.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct ConnectError(pub(crate) String);
+
+/// An open connection and what we know about it.
+#[derive(Debug)]
+pub(crate) struct PgConn {
+    /// The driver's client.
+    pub(crate) client: Client,
+    /// What the sniffer has seen.
+    pub(crate) state: Arc<ConnState>,
+    /// `pg_postmaster_start_time()` in microseconds since the epoch, read at connect:
+    /// a connection made to a restarted server shows it (DESIGN §3 pitfall 5).
+    pub(crate) postmaster_start_us: i64,
+}
+
+async fn open_socket(host: &Host, port: u16, net: &NetOptions) -> io::Result<Socket> {
+    match host {
+        Host::Tcp(name) => {
+            let mut last = io::Error::new(io::ErrorKind::NotFound, "host resolved to no address");
+            for addr in tokio::net::lookup_host((name.as_str(), port)).await? {
+                match TcpStream::connect(addr).await {
+                    Ok(stream) => {
+                        stream.set_nodelay(true)?;
+                        let sock = socket2::SockRef::from(&stream);
+                        sock.set_tcp_keepalive(
+                            &socket2::TcpKeepalive::new()
+                                .with_time(net.tcp_keepalive)
+                                .with_interval(net.tcp_keepalive.min(Duration::from_secs(5))),
+                        )?;
+                        sock.set_tcp_user_timeout(Some(net.tcp_user_timeout))?;
+                        return Ok(Socket::Tcp(stream));
+                    }
+                    Err(e) => last = e,
+                }
+            }
+            Err(last)
+        }
+        Host::Unix(dir) => {
+            let path = dir.join(format!(".s.PGSQL.{port}"));
+            Ok(Socket::Unix(tokio::net::UnixStream::connect(path).await?))
+        }
+    }
+}
+
+/// Opens one connection: socket, options, startup and authentication, all under
+/// `net.connect_timeout`, then reads the postmaster start time.
+pub(crate) async fn connect(
+    pg: &tokio_postgres::Config,
+    net: &NetOptions,
+) -> Result<PgConn, ConnectError> {
+    let fut = async {
+        let host = pg
+            .get_hosts()
+            .first()
+            .ok_or_else(|| ConnectError("no host in URL".into()))?;
+        let port = pg.get_ports().first().copied().unwrap_or(5432);
+        let socket = open_socket(host, port, net)
+            .await
+            .map_err(|e| ConnectError(format!("socket: {e}")))?;
+        let state = Arc::new(ConnState::new());
+        let stream = SniffStream::new(socket, state.clone());
+        let (client, connection) = pg
+            .connect_raw(stream, NoTls)
+            .await
+            .map_err(|e| ConnectError(format!("startup: {}", describe(&e))))?;
+        tokio::spawn(async move {
+            // The error also reaches the client's next call; nothing to do here.
+            let _ = connection.await;
+        });
+        let row = client
+            .query_one(
+                "SELECT (extract(epoch FROM pg_postmaster_start_time()) * 1000000)::int8",
+                &[],
+            )
+            .await
+            .map_err(|e| ConnectError(format!("first query: {}", describe(&e))))?;
+        let postmaster_start_us: i64 = row.get(0);
+        Ok(PgConn {
+            client,
+            state,
+            postmaster_start_us,
+        })
+    };
+    match tokio::time::timeout(net.connect_timeout, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(ConnectError(format!(
+            "connect timed out after {:?}",
+            net.connect_timeout
+        ))),
+    }
+}
+
+/// A driver error as text without anything from the connection string.
+pub(crate) fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        None => e.to_string(),
+    }
+}
+
+/// The deadpool manager for one server's pool.
+#[derive(Debug)]
+pub(crate) struct ConnManager {
+    /// Where and as whom to connect (read-only pools carry
+    /// `-c default_transaction_read_only=on` in their options).
+    pub(crate) pg: tokio_postgres::Config,
+    /// Socket settings.
+    pub(crate) net: NetOptions,
+    /// Bound on the rollback of a connection released inside a transaction.
+    pub(crate) rollback_timeout: Duration,
+}
+
+impl managed::Manager for ConnManager {
+    type Type = PgConn;
+    type Error = ConnectError;
+
+    async fn create(&self) -> Result<PgConn, ConnectError> {
+        connect(&self.pg, &self.net).await
+    }
+
+    async fn recycle(&self, conn: &mut PgConn, _: &Metrics) -> RecycleResult<ConnectError> {
+        if conn.client.is_closed() {
+            return Err(RecycleError::message("connection closed"));
+        }
+        if conn.state.is_idle() {
+            return Ok(());
+        }
+        // Released inside BEGIN (or a failed block): never hand that to the next lease.
+        let status = conn.state.tx_status.load(Ordering::Acquire);
+        if status == TX_IN_BLOCK || status == TX_FAILED {
+            let rollback = conn.client.batch_execute("ROLLBACK");
+            match tokio::time::timeout(self.rollback_timeout, rollback).await {
+                Ok(Ok(())) if conn.state.is_idle() => return Ok(()),
+                _ => return Err(RecycleError::message("could not roll back open transaction")),
+            }
+        }
+        Err(RecycleError::message("connection in an unknown state"))
+    }
+}
+
+/// One server's pool.
+pub(crate) type Pool = managed::Pool<ConnManager>;
+/// A pooled connection.
+pub(crate) type Pooled = managed::Object<ConnManager>;
+
+/// Builds a pool for `pg` (read-only when `read_only`).
+pub(crate) fn build_pool(
+    pg: &tokio_postgres::Config,
+    read_only: bool,
+    size: usize,
+    net: NetOptions,
+    rollback_timeout: Duration,
+) -> Result<Pool, String> {
+    let mut pg = pg.clone();
+    if read_only {
+        let opts = match pg.get_options() {
+            Some(o) if !o.is_empty() => format!("{o} -c default_transaction_read_only=on"),
+            _ => "-c default_transaction_read_only=on".to_string(),
+        };
+        pg.options(opts);
+    }
+    managed::Pool::builder(ConnManager {
+        pg,
+        net,
+        rollback_timeout,
+    })
+    .max_size(size)
+    .runtime(deadpool::Runtime::Tokio1)
+    .create_timeout(Some(net.connect_timeout))
+    .recycle_timeout(Some(rollback_timeout))
+    .build()
+    .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(kind: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![kind];
+        v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    fn sniffer() -> SniffStream<()> {
+        SniffStream::new((), Arc::new(ConnState::new()))
+    }
+
+    #[test]
+    fn tracks_ready_for_query_across_split_reads() {
+        let mut stream = msg(b'C', b"SELECT 1\0");
+        stream.extend(msg(b'Z', b"T"));
+        stream.extend(msg(b'D', &[0, 1, 0, 0, 0, 1, b'x']));
+        stream.extend(msg(b'Z', b"I"));
+        // Feed it in every possible two-way split and byte by byte.
+        for split in 0..stream.len() {
+            let mut s = sniffer();
+            s.observe(&stream[..split]);
+            s.observe(&stream[split..]);
+            assert!(s.state.is_idle(), "split at {split}");
+        }
+        let mut s = sniffer();
+        for (i, b) in stream.iter().enumerate() {
+            s.observe(std::slice::from_ref(b));
+            if i == 14 + 5 {
+                // Right after the 'T' status byte.
+                assert_eq!(s.state.tx_status.load(Ordering::Acquire), TX_IN_BLOCK);
+            }
+        }
+        assert!(s.state.is_idle());
+    }
+
+    #[test]
+    fn spots_read_only_refusals_only() {
+        let err = |code: &str| {
+            let mut body = b"SERROR\0".to_vec();
+            body.push(b'C');
+            body.extend_from_slice(code.as_bytes());
+            body.push(0);
+            body.extend_from_slice(b"Mcannot execute INSERT in a read-only transaction\0\0");
+            msg(b'E', &body)
+        };
+        let mut s = sniffer();
+        s.observe(&err("42P01"));
+        assert!(!s.state.take_read_only_refusal());
+        let data = err("25006");
+        s.observe(&data[..7]);
+        s.observe(&data[7..]);
+        assert!(s.state.take_read_only_refusal());
+        assert!(!s.state.take_read_only_refusal(), "the flag clears");
+    }
+
+    #[test]
+    fn sqlstate_parser_handles_truncation() {
+        assert_eq!(sqlstate(b"SERROR\0C25006\0\0"), Some(&b"25006"[..]));
+        assert_eq!(sqlstate(b"SERROR\0C250"), None);
+        assert_eq!(sqlstate(b""), None);
+        assert_eq!(sqlstate(b"\0"), None);
+    }
+}

@@ -1,0 +1,179 @@
+//! [`Error`]: everything a lease, a session or the fleet can fail with.
+
+use std::time::Duration;
+
+use crate::config::ConfigError;
+use crate::lsn::Lsn;
+use crate::token::TokenError;
+
+/// SQLSTATE of "cannot execute ... in a read-only transaction".
+pub(crate) const READ_ONLY_SQL_TRANSACTION: &str = "25006";
+
+/// An error from pgfleet.
+///
+/// Every variant names the server, key or position involved; none carries a password.
+/// [`Error::is_retryable`] tells whether the same request may succeed if sent again.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No server is a healthy primary right now (writes and strong reads need one).
+    #[error("no primary available after waiting {waited:?}")]
+    NoPrimary {
+        /// How long the lease waited for one.
+        waited: Duration,
+    },
+    /// Two servers both claim to be the primary; writes are refused rather than guessed.
+    #[error("split brain: servers {first} and {second} both claim to be primary; writes refused")]
+    SplitBrain {
+        /// One server that claims primary.
+        first: String,
+        /// The other.
+        second: String,
+    },
+    /// A lease or connect did not finish in time.
+    #[error("timed out after {after:?} waiting for {what} on server {server}")]
+    Timeout {
+        /// The server concerned (`"*"` when no single server was).
+        server: String,
+        /// What was being waited for (`"a pooled connection"`, `"connect"`, ...).
+        what: &'static str,
+        /// How long it waited.
+        after: Duration,
+    },
+    /// No replica is fresh enough for the read and the fallback policy is `error`.
+    #[error(
+        "no replica fresh enough for the read: the best is {}{}",
+        match behind_bytes { Some(b) => format!("{b} bytes behind"), None => "of unknown lag".to_string() },
+        match catch_up { Some(d) => format!(", expected to catch up in about {d:?}"), None => String::new() }
+    )]
+    NoFreshReplica {
+        /// How far the best replica is behind what the read needs, in bytes of WAL.
+        behind_bytes: Option<u64>,
+        /// Estimated time for that replica to catch up, when its replay rate is known.
+        catch_up: Option<Duration>,
+    },
+    /// Too many read-your-writes leases are already waiting for replicas to catch up.
+    #[error("{waiting} read-your-writes leases already waiting (fleet.max_waiters); request refused")]
+    TooManyWaiters {
+        /// The bound that was reached.
+        waiting: usize,
+    },
+    /// A query on a standby was cancelled because it conflicted with WAL replay. Retryable.
+    #[error("query on server {server} cancelled by a recovery conflict (retryable)")]
+    RecoveryConflict {
+        /// The standby that cancelled it.
+        server: String,
+        /// The server's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// `SERIALIZABLE` was asked of a standby, which cannot provide it.
+    #[error("SERIALIZABLE transactions are not available on standby {server}; use a strong read")]
+    SerializableOnStandby {
+        /// The standby concerned.
+        server: String,
+        /// The server's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// A write (or a write inside a read lease) hit a read-only server or transaction.
+    #[error("server {server} refused a write: read-only transaction (SQLSTATE 25006)")]
+    ReadOnly {
+        /// The server concerned.
+        server: String,
+        /// The server's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// The token names a write above the point where the current timeline branched off:
+    /// that write may not exist on the new primary. Never served as a stale read.
+    #[error("token {token_lsn} on timeline {token_timeline} is past the switch to timeline {current_timeline}; that write may be lost")]
+    WriteMayBeLost {
+        /// The token's position.
+        token_lsn: Lsn,
+        /// The token's timeline.
+        token_timeline: u32,
+        /// The cluster's current timeline.
+        current_timeline: u32,
+    },
+    /// `commit_token` was called inside a transaction that has written: no committed
+    /// position exists yet.
+    #[error("commit_token called inside an open transaction that has written; COMMIT first")]
+    OpenTransaction,
+    /// A token could not be used.
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    /// The fleet is shutting down (or was shut down); no new leases.
+    #[error("the fleet is shutting down")]
+    ShuttingDown,
+    /// The configuration was rejected.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A server could not be reached or a connection failed.
+    #[error("connecting to server {server}: {message}")]
+    Connect {
+        /// The server concerned.
+        server: String,
+        /// What failed (never the password).
+        message: String,
+    },
+    /// An error from PostgreSQL or the driver.
+    #[error("postgres error on server {server}: {source}")]
+    Postgres {
+        /// The server concerned (`"?"` when unknown, e.g. converted with `?` from a bare error).
+        server: String,
+        /// The driver's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// The actor system failed in a way that should not happen (a bug); the message says where.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// Whether sending the same request again may succeed: timeouts, recovery conflicts,
+    /// a missing primary (a failover may be in progress), no fresh replica, too many waiters
+    /// and connection failures.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            Error::NoPrimary { .. }
+                | Error::Timeout { .. }
+                | Error::NoFreshReplica { .. }
+                | Error::TooManyWaiters { .. }
+                | Error::RecoveryConflict { .. }
+                | Error::Connect { .. }
+        )
+    }
+
+    /// Classifies a driver error from a query run on `server`: recovery conflicts,
+    /// `SERIALIZABLE` on a standby and read-only refusals get their own variants.
+    pub fn from_postgres(server: impl Into<String>, source: tokio_postgres::Error) -> Error {
+        let server = server.into();
+        let Some(db) = source.as_db_error() else {
+            return Error::Postgres { server, source };
+        };
+        let code = db.code().code();
+        let message = db.message();
+        if code == READ_ONLY_SQL_TRANSACTION {
+            return Error::ReadOnly { server, source };
+        }
+        // Recovery conflicts are reported as 40001 (or 40P01 for buffer-pin deadlocks)
+        // with this wording; a plain serialization failure on the primary is not one.
+        if (code == "40001" || code == "40P01") && message.contains("conflict with recovery") {
+            return Error::RecoveryConflict { server, source };
+        }
+        if code == "0A000" && message.contains("serializable") && message.contains("hot standby")
+        {
+            return Error::SerializableOnStandby { server, source };
+        }
+        Error::Postgres { server, source }
+    }
+}
+
+impl From<tokio_postgres::Error> for Error {
+    fn from(source: tokio_postgres::Error) -> Self {
+        Error::from_postgres("?", source)
+    }
+}

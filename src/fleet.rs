@@ -1,0 +1,624 @@
+//! [`Fleet`]: the application's handle. Starts the actor tree and decides leases from
+//! the published topology in the caller's task.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use deadpool::managed::{PoolError, TimeoutType, Timeouts};
+use ractor::{Actor, ActorRef};
+use tokio::sync::Notify;
+
+use crate::config::{Config, DefaultRead, Fallback};
+use crate::conn::NetOptions;
+use crate::error::Error;
+use crate::lease::{Consistency, Intent, Lease};
+use crate::router::{RouterMsg, WaitReply, WaitRequest};
+use crate::server::ServerMsg;
+use crate::session::{Session, SessionInner};
+use crate::shared::{Counters, ServerSlot, Shared};
+use crate::status::{ServerStatus, Status};
+use crate::supervisor::{Supervisor, SupervisorMsg};
+use crate::token::{Token, TokenError};
+use crate::topology::{select, PrimaryState, ReadNeed, Role, Topology};
+
+const TARGET: &str = "pgfleet::lease";
+
+/// The application's handle to a fleet: cheap to clone, lock-free to lease from.
+///
+/// The actor tree stops when the last handle is dropped (or on [`Fleet::shutdown`]).
+#[derive(Clone)]
+pub struct Fleet {
+    shared: Arc<Shared>,
+    guard: Arc<TreeGuard>,
+}
+
+impl std::fmt::Debug for Fleet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fleet")
+            .field("servers", &self.shared.slots.iter().map(|s| &*s.name).collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// Stops the supervisor when the last `Fleet` handle goes away.
+#[derive(Debug)]
+struct TreeGuard {
+    supervisor: ActorRef<SupervisorMsg>,
+}
+
+impl Drop for TreeGuard {
+    fn drop(&mut self) {
+        let _ = self.supervisor.cast(SupervisorMsg::Shutdown);
+    }
+}
+
+impl Fleet {
+    /// Validates `config`, spawns the supervisor, router and server actors, and returns
+    /// at once: servers connect in the background, begin unhealthy, and join rotation on
+    /// their first successful probe. Use [`Fleet::wait_ready`] to wait for that.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] for an invalid configuration; [`Error::Internal`] if the actor
+    /// system cannot start. An unreachable server is not an error.
+    pub async fn start(config: Config) -> Result<Fleet, Error> {
+        config.validate()?;
+        let mut slots = Vec::with_capacity(1 + config.replicas.len());
+        let p = &config.primary;
+        slots.push(ServerSlot::new(&p.name, p.url.clone(), p.pool_size, p.read_weight));
+        for r in &config.replicas {
+            slots.push(ServerSlot::new(&r.name, r.url.clone(), r.pool_size, r.weight));
+        }
+        let weights: Vec<u32> = slots.iter().map(|s| s.weight).collect();
+        let topology = Topology::initial(
+            &weights,
+            config.consistency.max_lag_bytes,
+            config.consistency.max_lag,
+        );
+        let net = NetOptions {
+            connect_timeout: config.fleet.connect_timeout,
+            tcp_keepalive: config.fleet.tcp_keepalive,
+            tcp_user_timeout: config.fleet.tcp_user_timeout,
+        };
+        let shared = Arc::new(Shared {
+            config,
+            net,
+            slots,
+            topology: ArcSwap::from_pointee(topology),
+            changed: Notify::new(),
+            router: ArcSwapOption::empty(),
+            rr: AtomicUsize::new(0),
+            shutting_down: AtomicBool::new(false),
+            drained: Notify::new(),
+            counters: Counters::default(),
+        });
+        let (supervisor, _) = Actor::spawn(None, Supervisor, shared.clone())
+            .await
+            .map_err(|e| Error::Internal(format!("starting the supervisor: {e}")))?;
+        Ok(Fleet {
+            shared,
+            guard: Arc::new(TreeGuard { supervisor }),
+        })
+    }
+
+    /// Waits until every server has been probed once (successfully or not) and a
+    /// primary is known, or `timeout` passes. Returns whether that happened.
+    pub async fn wait_ready(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let notified = self.shared.changed.notified();
+            let t = self.shared.topology.load();
+            if t.primary_index().is_some()
+                && t.servers.iter().all(|s| s.health != crate::Health::Starting)
+            {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline.into(), notified).await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    /// Leases a connection for `intent`, decided from the published topology in the
+    /// caller's task (no actor round trip unless a read-your-writes read must wait).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NoPrimary`] when a write (or fallback) finds no primary within
+    /// `lease_timeout`; [`Error::SplitBrain`]; [`Error::Timeout`] when the pool has no
+    /// connection in time; [`Error::NoFreshReplica`] with `fallback = "error"`;
+    /// [`Error::TooManyWaiters`]; [`Error::ShuttingDown`].
+    pub async fn lease(&self, intent: Intent) -> Result<Lease, Error> {
+        lease_on(&self.shared, intent, None).await
+    }
+
+    /// A new session (read-your-writes and monotonic reads across its leases).
+    pub fn session(&self) -> Session {
+        Session {
+            inner: Arc::new(SessionInner::default()),
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// A session resumed from a token a previous request handed out (see
+    /// [`Session::token`]). A token of another cluster is ignored with its reason.
+    pub fn session_from(&self, token: Token) -> (Session, Option<TokenError>) {
+        let s = self.session();
+        match self.check_token(&token) {
+            Ok(()) => {
+                s.observe(token);
+                (s, None)
+            }
+            Err(e) => (s, Some(e)),
+        }
+    }
+
+    /// Checks that `token` belongs to this cluster.
+    ///
+    /// # Errors
+    ///
+    /// [`TokenError::ForeignSystem`] for another system identifier;
+    /// [`TokenError::UnknownTimeline`] for a timeline beyond the primary's.
+    pub fn check_token(&self, token: &Token) -> Result<(), TokenError> {
+        check_token(&self.shared.topology.load(), token)
+    }
+
+    /// The current router actor. It changes when the supervisor restarts the router, so
+    /// resolve it again after a send fails.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ShuttingDown`] once the fleet is stopping; [`Error::Internal`] in the
+    /// moment between a router's death and its replacement.
+    pub fn router(&self) -> Result<ActorRef<RouterMsg>, Error> {
+        if self.shared.is_shutting_down() {
+            return Err(Error::ShuttingDown);
+        }
+        self.shared
+            .router
+            .load_full()
+            .map(|r| (*r).clone())
+            .ok_or_else(|| Error::Internal("router restarting".into()))
+    }
+
+    /// A snapshot of every server's state, with a `Display` table.
+    pub fn status(&self) -> Status {
+        let t = self.shared.topology.load();
+        let servers = self
+            .shared
+            .slots
+            .iter()
+            .zip(t.servers.iter())
+            .map(|(slot, v)| {
+                let pool = slot.pools.load();
+                let (size, idle) = pool.as_ref().map_or((0, 0), |p| {
+                    let r = p.read.status();
+                    let w = p.write.status();
+                    (r.size + w.size, r.available + w.available)
+                });
+                ServerStatus {
+                    name: slot.name.to_string(),
+                    role: v.role,
+                    health: if slot.restarting.load(Ordering::Acquire) {
+                        crate::Health::Restarting
+                    } else {
+                        v.health
+                    },
+                    lsn: v.lsn,
+                    receive_lsn: v.receive_lsn,
+                    lag_bytes: v.lag_bytes,
+                    lag: v.lag.approx(),
+                    lag_is_lower_bound: matches!(v.lag, crate::lag::TimeLag::AtLeast(_)),
+                    timeline: v.timeline,
+                    paused: v.paused,
+                    streaming: v.streaming,
+                    weight: v.weight,
+                    pool_max: slot.pool_size * 2,
+                    pool_open: size,
+                    pool_idle: idle,
+                    in_use: slot.in_flight.load(Ordering::Relaxed),
+                    leases: slot.leases.load(Ordering::Relaxed),
+                    fallbacks: slot.fallbacks.load(Ordering::Relaxed),
+                    restarts: slot.restarts.load(Ordering::Relaxed),
+                    last_error: slot.last_error(),
+                    probe_latency: v.probe_latency,
+                }
+            })
+            .collect();
+        let c = &self.shared.counters;
+        Status {
+            servers,
+            primary_down: t.primary_index().is_none(),
+            split_brain: matches!(t.primary, PrimaryState::SplitBrain(..)),
+            ryw_on_replica: c.ryw_on_replica.load(Ordering::Relaxed),
+            ryw_on_primary: c.ryw_on_primary.load(Ordering::Relaxed),
+            ryw_waited: c.ryw_waited.load(Ordering::Relaxed),
+            wait_probes: c.wait_probes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Stops taking leases, waits for outstanding ones to be returned (at most
+    /// `fleet.shutdown_timeout`), closes the pools and stops the actor tree. Later
+    /// leases fail with [`Error::ShuttingDown`]. Returns how many leases were still out
+    /// when it gave up waiting.
+    pub async fn shutdown(&self) -> u64 {
+        self.shared.shutting_down.store(true, Ordering::Release);
+        self.shared.changed.notify_waiters();
+        let deadline = Instant::now() + self.shared.config.fleet.shutdown_timeout;
+        loop {
+            let notified = self.shared.drained.notified();
+            if self.shared.in_flight() == 0 {
+                break;
+            }
+            if tokio::time::timeout_at(deadline.into(), notified).await.is_err() {
+                break;
+            }
+        }
+        let left = self.shared.in_flight();
+        for slot in &self.shared.slots {
+            if let Some(p) = slot.pools.load().as_ref() {
+                p.close();
+            }
+        }
+        let sup = self.guard.supervisor.clone();
+        let _ = sup.cast(SupervisorMsg::Shutdown);
+        let stop_wait = Duration::from_secs(2);
+        let _ = tokio::time::timeout(stop_wait, async {
+            while sup.get_status() != ractor::ActorStatus::Stopped {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        left
+    }
+
+    /// Test hook: make server `name`'s actor fail as if it crashed.
+    #[doc(hidden)]
+    pub fn debug_fail_server(&self, name: &str) -> bool {
+        self.shared
+            .slots
+            .iter()
+            .find(|s| &*s.name == name)
+            .and_then(|s| s.actor.load_full())
+            .map(|a| a.cast(ServerMsg::Fail("test-induced failure".into())).is_ok())
+            .unwrap_or(false)
+    }
+
+    /// Test hook: make the router fail as if it crashed.
+    #[doc(hidden)]
+    pub fn debug_fail_router(&self) -> bool {
+        match self.shared.router.load_full() {
+            Some(r) => {
+                r.get_cell().kill();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Whether a token is ours and plausible against the topology.
+fn check_token(t: &Topology, token: &Token) -> Result<(), TokenError> {
+    if let Some(ours) = t.system_id {
+        if ours != token.system_id() {
+            return Err(TokenError::ForeignSystem {
+                ours,
+                theirs: token.system_id(),
+            });
+        }
+    }
+    if let Some(p) = t.primary_index() {
+        if let Some(current) = t.servers[p].timeline {
+            if token.timeline() > current {
+                return Err(TokenError::UnknownTimeline {
+                    current,
+                    theirs: token.timeline(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What a request needs, resolved from the intent and the config.
+#[derive(Debug, Clone, Copy)]
+enum Need {
+    /// The primary's write pool.
+    Write,
+    /// The primary's read pool (strong read).
+    Strong,
+    /// A read server, else the fallback.
+    Read(ReadNeed),
+}
+
+/// The whole lease decision; shared by `Fleet::lease`, sessions and the router's
+/// `Lease` message, so all three decide the same way.
+pub(crate) async fn lease_on(
+    shared: &Arc<Shared>,
+    intent: Intent,
+    session: Option<Arc<SessionInner>>,
+) -> Result<Lease, Error> {
+    if shared.is_shutting_down() {
+        return Err(Error::ShuttingDown);
+    }
+    let start = Instant::now();
+    let cfg = &shared.config;
+    let deadline = start + cfg.fleet.lease_timeout;
+    let mut ignored_token = None;
+    let need = match intent {
+        Intent::Write => Need::Write,
+        Intent::Read(c) => match c {
+            Consistency::Strong => Need::Strong,
+            Consistency::Default => match cfg.consistency.default_read {
+                DefaultRead::Strong => Need::Strong,
+                _ => Need::Read(ReadNeed::Eventual),
+            },
+            Consistency::Eventual => Need::Read(ReadNeed::Eventual),
+            Consistency::MaxStaleness(d) => Need::Read(ReadNeed::MaxStaleness(d)),
+            Consistency::AfterLsn(token) => match check_token(&shared.topology.load(), &token) {
+                Ok(()) => Need::Read(ReadNeed::After(token)),
+                Err(e @ TokenError::ForeignSystem { .. }) => {
+                    tracing::debug!(target: TARGET, error = %e, "ignoring token of another cluster");
+                    ignored_token = Some(e);
+                    Need::Read(ReadNeed::Eventual)
+                }
+                Err(e) => return Err(e.into()),
+            },
+        },
+    };
+    let mut excluded: Vec<bool> = Vec::new();
+    let mut waited_for_replica = false;
+    loop {
+        if shared.is_shutting_down() {
+            return Err(Error::ShuttingDown);
+        }
+        let topo = shared.topology.load();
+        let (idx, fallback, write_pool) = match need {
+            Need::Write | Need::Strong => match primary_or_wait(shared, &topo, start, deadline).await? {
+                Some(i) => (i, false, matches!(need, Need::Write)),
+                None => continue,
+            },
+            Need::Read(rn) => {
+                let pick = select(
+                    cfg.fleet.strategy,
+                    &topo.weights,
+                    &topo.rr_seq,
+                    &shared.rr,
+                    |i| !excluded.get(i).copied().unwrap_or(false) && topo.can_serve(i, &rn),
+                    |i| shared.slots[i].in_flight.load(Ordering::Relaxed),
+                );
+                match pick {
+                    Some(i) => (i, false, false),
+                    None => {
+                        let reply = match rn {
+                            ReadNeed::After(token) if !waited_for_replica => {
+                                waited_for_replica = true;
+                                let until = deadline.min(Instant::now() + cfg.consistency.ryw_wait);
+                                ask_router(shared, token, until).await
+                            }
+                            _ => fallback_estimate(&topo, &rn),
+                        };
+                        match reply {
+                            WaitReply::Serve(i) if !excluded.get(i).copied().unwrap_or(false) => {
+                                (i, false, false)
+                            }
+                            WaitReply::TooMany(n) => {
+                                shared.counters.ryw_refused.fetch_add(1, Ordering::Relaxed);
+                                return Err(Error::TooManyWaiters { waiting: n });
+                            }
+                            WaitReply::Fallback { behind_bytes, catch_up } if cfg.consistency.fallback == Fallback::Error => {
+                                shared.counters.ryw_refused.fetch_add(1, Ordering::Relaxed);
+                                return Err(Error::NoFreshReplica { behind_bytes, catch_up });
+                            }
+                            _ => match primary_or_wait(shared, &topo, start, deadline).await? {
+                                Some(i) => (i, true, false),
+                                None => continue,
+                            },
+                        }
+                    }
+                }
+            }
+        };
+        let role = topo.servers[idx].role;
+        let expected_start = topo.servers[idx].postmaster_start_us;
+        drop(topo);
+        match checkout(shared, idx, write_pool, deadline).await {
+            Ok(conn) => {
+                // A connection to a server that restarted since its last probe may show
+                // older data than the cached position says (pitfall 5).
+                if role == Role::Replica && expected_start.is_some_and(|s| s != conn.postmaster_start_us) {
+                    void(shared, idx);
+                    exclude(&mut excluded, idx);
+                    continue;
+                }
+                let slot = &shared.slots[idx];
+                slot.in_flight.fetch_add(1, Ordering::AcqRel);
+                slot.leases.fetch_add(1, Ordering::Relaxed);
+                if fallback {
+                    slot.fallbacks.fetch_add(1, Ordering::Relaxed);
+                }
+                if let Need::Read(ReadNeed::After(_)) = need {
+                    let c = &shared.counters;
+                    if role == Role::Replica { &c.ryw_on_replica } else { &c.ryw_on_primary }
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                return Ok(Lease {
+                    conn: Some(conn),
+                    shared: shared.clone(),
+                    idx,
+                    role,
+                    fallback,
+                    intent,
+                    session,
+                    ignored_token,
+                    waited: start.elapsed(),
+                });
+            }
+            Err(CheckoutError::Timeout(after)) => {
+                return Err(Error::Timeout {
+                    server: shared.slots[idx].name.to_string(),
+                    what: "a pooled connection",
+                    after,
+                })
+            }
+            Err(CheckoutError::Failed(why)) => {
+                tracing::debug!(target: TARGET, server = %shared.slots[idx].name, error = %why, "checkout failed; trying elsewhere");
+                shared.slots[idx].set_error(why);
+                void(shared, idx);
+                exclude(&mut excluded, idx);
+                if Instant::now() >= deadline {
+                    return Err(match need {
+                        Need::Write | Need::Strong => Error::NoPrimary { waited: start.elapsed() },
+                        Need::Read(_) => Error::Timeout {
+                            server: "*".into(),
+                            what: "a server that accepts connections",
+                            after: start.elapsed(),
+                        },
+                    });
+                }
+                if matches!(need, Need::Write | Need::Strong) || fallback {
+                    // The primary is unreachable; wait for the topology to move.
+                    wait_change(shared, deadline.min(Instant::now() + cfg.fleet.probe_interval)).await;
+                    excluded.clear();
+                }
+            }
+        }
+    }
+}
+
+fn exclude(excluded: &mut Vec<bool>, idx: usize) {
+    if excluded.len() <= idx {
+        excluded.resize(idx + 1, false);
+    }
+    excluded[idx] = true;
+}
+
+fn void(shared: &Shared, idx: usize) {
+    if let Some(r) = shared.router.load().as_ref() {
+        let _ = r.cast(RouterMsg::Void { idx });
+    }
+}
+
+async fn wait_change(shared: &Shared, until: Instant) {
+    let notified = shared.changed.notified();
+    let _ = tokio::time::timeout_at(until.into(), notified).await;
+}
+
+/// The primary's index; waits for one (until the deadline) when none is known.
+async fn primary_or_wait(
+    shared: &Shared,
+    topo: &Topology,
+    start: Instant,
+    deadline: Instant,
+) -> Result<Option<usize>, Error> {
+    match topo.primary {
+        PrimaryState::Known(i) => Ok(Some(i)),
+        PrimaryState::SplitBrain(a, b) => Err(Error::SplitBrain {
+            first: shared.slots[a].name.to_string(),
+            second: shared.slots[b].name.to_string(),
+        }),
+        PrimaryState::Missing => {
+            if Instant::now() >= deadline {
+                return Err(Error::NoPrimary { waited: start.elapsed() });
+            }
+            wait_change(shared, deadline).await;
+            if Instant::now() >= deadline && shared.topology.load().primary_index().is_none() {
+                return Err(Error::NoPrimary { waited: start.elapsed() });
+            }
+            Ok(None)
+        }
+    }
+}
+
+fn fallback_estimate(topo: &Topology, need: &ReadNeed) -> WaitReply {
+    let target = match need {
+        ReadNeed::After(t) => Some(t.lsn()),
+        _ => topo.primary_lsn,
+    };
+    let best = topo
+        .servers
+        .iter()
+        .filter(|s| s.role == Role::Replica && s.health == crate::Health::Healthy)
+        .filter_map(|s| Some((target?.bytes_since(s.lsn?), s)))
+        .min_by_key(|(b, _)| *b);
+    match best {
+        Some((b, s)) => WaitReply::Fallback {
+            behind_bytes: Some(b),
+            catch_up: s
+                .replay_rate
+                .filter(|_| !s.paused)
+                .and_then(|r| Duration::try_from_secs_f64(b as f64 / r).ok()),
+        },
+        None => WaitReply::Fallback {
+            behind_bytes: None,
+            catch_up: None,
+        },
+    }
+}
+
+/// Asks the router to park the read until a replica replays `token` (or `until`).
+async fn ask_router(shared: &Shared, token: Token, until: Instant) -> WaitReply {
+    let fallback = WaitReply::Fallback {
+        behind_bytes: None,
+        catch_up: None,
+    };
+    // The router may be restarting: resolve it again until the deadline.
+    loop {
+        let Some(router) = shared.router.load_full() else {
+            if Instant::now() >= until {
+                return fallback;
+            }
+            wait_change(shared, until).await;
+            continue;
+        };
+        let remaining = until.saturating_duration_since(Instant::now());
+        let req = WaitRequest { token, deadline: until };
+        // A little slack past the deadline: the router answers at the deadline itself.
+        let r = router
+            .call(|reply| RouterMsg::Wait(req, reply), Some(remaining + Duration::from_millis(50)))
+            .await;
+        match r {
+            Ok(ractor::rpc::CallResult::Success(reply)) => return reply,
+            Ok(ractor::rpc::CallResult::Timeout) => return fallback,
+            _ if Instant::now() < until => {
+                // Router died mid-call; its successor may answer.
+                wait_change(shared, until.min(Instant::now() + Duration::from_millis(20))).await;
+            }
+            _ => return fallback,
+        }
+    }
+}
+
+enum CheckoutError {
+    Timeout(Duration),
+    Failed(String),
+}
+
+async fn checkout(
+    shared: &Shared,
+    idx: usize,
+    write: bool,
+    deadline: Instant,
+) -> Result<crate::conn::Pooled, CheckoutError> {
+    let slot = &shared.slots[idx];
+    let Some(pools) = slot.pools.load_full() else {
+        return Err(CheckoutError::Failed("server actor restarting".into()));
+    };
+    let pool = if write { &pools.write } else { &pools.read };
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    let timeouts = Timeouts {
+        wait: Some(remaining),
+        create: Some(shared.net.connect_timeout.min(remaining.max(Duration::from_millis(1)))),
+        recycle: Some(shared.query_timeout()),
+    };
+    match pool.timeout_get(&timeouts).await {
+        Ok(c) => Ok(c),
+        Err(PoolError::Timeout(TimeoutType::Wait)) => Err(CheckoutError::Timeout(remaining)),
+        Err(PoolError::Timeout(t)) => Err(CheckoutError::Failed(format!("{t:?} timed out"))),
+        Err(PoolError::Backend(e)) => Err(CheckoutError::Failed(e.0)),
+        Err(PoolError::Closed) => Err(CheckoutError::Failed("pool closed".into())),
+        Err(e) => Err(CheckoutError::Failed(e.to_string())),
+    }
+}

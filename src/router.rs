@@ -1,0 +1,587 @@
+//! The router actor: single writer of the topology. It folds server reports into a
+//! [`Topology`], publishes it for lock-free reads, and parks read-your-writes leases
+//! that no replica can serve yet until one can, or until they must fall back.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+
+use crate::error::Error;
+use crate::lag::{LagHistory, ReplayRate, TimeLag};
+use crate::lease::{Intent, Lease};
+use crate::lsn::Lsn;
+use crate::server::ServerReport;
+use crate::shared::Shared;
+use crate::token::Token;
+use crate::topology::{select, smooth_rr_sequence, Health, PrimaryState, ReadNeed, Role, Topology};
+
+const TARGET: &str = "pgfleet::router";
+
+/// Messages to the router actor.
+///
+/// Applications send [`RouterMsg::Lease`] (with `ractor::call!`) to get exactly the
+/// decision `Fleet::lease` makes; the other variants are the fleet's own.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum RouterMsg {
+    /// Lease a connection for `Intent`; the reply is what `Fleet::lease` would return.
+    Lease(Intent, RpcReplyPort<Result<Lease, Error>>),
+    /// A server's probe report.
+    #[doc(hidden)]
+    Report(Box<ServerReport>),
+    /// A server actor failed; it is out of rotation until it reports again.
+    #[doc(hidden)]
+    ServerDown {
+        /// Which server.
+        idx: usize,
+    },
+    /// A lease found a server restarted (new postmaster) or broken: its cached
+    /// position is void until a fresh probe.
+    #[doc(hidden)]
+    Void {
+        /// Which server.
+        idx: usize,
+    },
+    /// Park a read until a replica has replayed the token, or decide a fallback.
+    #[doc(hidden)]
+    Wait(WaitRequest, RpcReplyPort<WaitReply>),
+    /// The primary was at this position at this time (from a commit token).
+    #[doc(hidden)]
+    Committed(Lsn, Instant),
+    /// Timer: answer waiters whose deadline passed.
+    #[doc(hidden)]
+    Expire,
+    /// Timer: a scheduled probe of a replica that waiters expect to catch up.
+    #[doc(hidden)]
+    ProbeDue(usize),
+}
+
+/// A read-your-writes read that found no replica ready in the snapshot.
+#[derive(Debug, Clone, Copy)]
+#[doc(hidden)]
+pub struct WaitRequest {
+    pub(crate) token: Token,
+    pub(crate) deadline: Instant,
+}
+
+/// The router's answer to a [`WaitRequest`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[doc(hidden)]
+pub enum WaitReply {
+    /// Server `idx` has replayed the token.
+    Serve(usize),
+    /// No replica will in time: fall back (how far behind the best one is, and its
+    /// estimated catch-up time).
+    Fallback {
+        behind_bytes: Option<u64>,
+        catch_up: Option<Duration>,
+    },
+    /// Too many waiters already.
+    TooMany(usize),
+}
+
+#[derive(Debug)]
+struct Waiter {
+    token: Token,
+    arrived: Instant,
+    deadline: Instant,
+    reply: RpcReplyPort<WaitReply>,
+}
+
+#[derive(Debug)]
+struct Known {
+    view: crate::topology::ServerView,
+    /// The incarnation whose reports are current.
+    restarts: u32,
+    /// Reports from probes started before this are not fresh.
+    void_at: Option<Instant>,
+    rate: ReplayRate,
+    /// When it came back after being down (slow start), if still ramping.
+    returned_at: Option<Instant>,
+    ever_healthy: bool,
+    /// A scheduled `ProbeDue` for this server.
+    probe_at: Option<Instant>,
+    /// The configured read weight.
+    weight: u32,
+}
+
+/// Router actor state.
+#[derive(Debug)]
+pub(crate) struct RouterState {
+    shared: Arc<Shared>,
+    servers: Vec<Known>,
+    history: LagHistory,
+    system_id: Option<u64>,
+    waiters: BTreeMap<(Lsn, u64), Waiter>,
+    seq: u64,
+    version: u64,
+    /// Earliest scheduled `Expire`.
+    expire_at: Option<Instant>,
+}
+
+/// The router actor.
+#[derive(Debug)]
+pub(crate) struct Router;
+
+impl Actor for Router {
+    type Msg = RouterMsg;
+    type State = RouterState;
+    type Arguments = Arc<Shared>;
+
+    /// Starts from the last published snapshot, so a restarted router keeps serving
+    /// what its predecessor knew while fresh reports arrive.
+    async fn pre_start(
+        &self,
+        myself: ActorRef<RouterMsg>,
+        shared: Arc<Shared>,
+    ) -> Result<RouterState, ActorProcessingErr> {
+        let last = shared.topology.load_full();
+        let servers = shared
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(i, slot)| {
+                let mut view = last
+                    .servers
+                    .get(i)
+                    .cloned()
+                    .unwrap_or_else(|| crate::topology::ServerView::unknown(slot.weight));
+                // Positions cached by a dead router are not trusted for fresh reads.
+                view.fresh = false;
+                Known {
+                    ever_healthy: view.health == Health::Healthy,
+                    view,
+                    restarts: slot.restarts.load(std::sync::atomic::Ordering::Acquire),
+                    void_at: None,
+                    rate: ReplayRate::default(),
+                    returned_at: None,
+                    probe_at: None,
+                    weight: slot.weight,
+                }
+            })
+            .collect();
+        let window = (shared.config.consistency.max_lag * 4).max(Duration::from_secs(60));
+        let mut history = LagHistory::new(window);
+        if let Some(l) = last.primary_lsn {
+            history.record(l, Instant::now());
+        }
+        let state = RouterState {
+            system_id: last.system_id,
+            version: last.version,
+            shared: shared.clone(),
+            servers,
+            history,
+            waiters: BTreeMap::new(),
+            seq: 0,
+            expire_at: None,
+        };
+        shared.router.store(Some(Arc::new(myself)));
+        Ok(state)
+    }
+
+    async fn post_stop(
+        &self,
+        myself: ActorRef<RouterMsg>,
+        state: &mut RouterState,
+    ) -> Result<(), ActorProcessingErr> {
+        let current = state.shared.router.load();
+        if current.as_ref().is_some_and(|r| r.get_id() == myself.get_id()) {
+            state.shared.router.store(None);
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<RouterMsg>,
+        msg: RouterMsg,
+        state: &mut RouterState,
+    ) -> Result<(), ActorProcessingErr> {
+        let now = Instant::now();
+        match msg {
+            RouterMsg::Lease(intent, reply) => {
+                let shared = state.shared.clone();
+                tokio::spawn(async move {
+                    let _ = reply.send(crate::fleet::lease_on(&shared, intent, None).await);
+                });
+            }
+            RouterMsg::Report(r) => {
+                state.apply_report(*r, now);
+                state.publish(now);
+                state.service_waiters(&myself, now);
+            }
+            RouterMsg::ServerDown { idx } => {
+                if let Some(k) = state.servers.get_mut(idx) {
+                    k.view.health = Health::Restarting;
+                    k.view.fresh = false;
+                    k.returned_at = None;
+                }
+                state.publish(now);
+                state.service_waiters(&myself, now);
+            }
+            RouterMsg::Void { idx } => {
+                if let Some(k) = state.servers.get_mut(idx) {
+                    k.void_at = Some(now);
+                    k.view.fresh = false;
+                    state.shared.slots[idx].probe_now();
+                }
+                state.publish(now);
+            }
+            RouterMsg::Committed(lsn, at) => {
+                state.history.record(lsn, at);
+            }
+            RouterMsg::Wait(req, reply) => state.wait(&myself, req, reply, now),
+            RouterMsg::Expire => {
+                state.expire_at = None;
+                state.service_waiters(&myself, now);
+            }
+            RouterMsg::ProbeDue(idx) => {
+                if let Some(k) = state.servers.get_mut(idx) {
+                    k.probe_at = None;
+                }
+                if state.waiters.values().any(|w| state.candidate(idx, &w.token)) {
+                    state.shared.slots[idx].probe_now();
+                    state
+                        .shared
+                        .counters
+                        .wait_probes
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl RouterState {
+    fn apply_report(&mut self, r: ServerReport, now: Instant) {
+        let Some(k) = self.servers.get_mut(r.idx) else {
+            return;
+        };
+        if r.restarts < k.restarts {
+            return; // from an incarnation already replaced
+        }
+        k.restarts = r.restarts;
+        let fresh = k.void_at.is_none_or(|v| r.started >= v);
+        match r.result {
+            Ok(d) => {
+                if let (Some(ours), true) = (self.system_id, d.system_id != 0) {
+                    if ours != d.system_id {
+                        k.view.health = Health::Unhealthy;
+                        k.view.fresh = false;
+                        self.shared.slots[r.idx].set_error(format!(
+                            "system identifier {:x} is not the cluster's {:x}",
+                            d.system_id, ours
+                        ));
+                        return;
+                    }
+                } else if d.system_id != 0 {
+                    self.system_id = Some(d.system_id);
+                }
+                let was = k.view.health;
+                if was != Health::Healthy && k.ever_healthy && !self.shared.config.fleet.slow_start.is_zero() {
+                    k.returned_at = Some(now);
+                }
+                k.ever_healthy = true;
+                k.view.health = Health::Healthy;
+                k.view.role = if d.in_recovery { Role::Replica } else { Role::Primary };
+                k.view.lsn = d.lsn;
+                k.view.receive_lsn = d.receive_lsn;
+                k.view.paused = d.paused;
+                k.view.streaming = d.streaming;
+                k.view.timeline = d.timeline;
+                k.view.postmaster_start_us = Some(d.postmaster_start_us);
+                k.view.wal_sizes = Some(d.wal_sizes);
+                k.view.probe_latency = Some(r.latency);
+                if fresh {
+                    k.void_at = None;
+                }
+                k.view.fresh = fresh && d.lsn.is_some();
+                if let Some(l) = d.lsn {
+                    if d.in_recovery {
+                        k.rate.record(l, r.started);
+                    } else {
+                        self.history.record(l, r.started);
+                    }
+                }
+                k.view.replay_rate = k.rate.bytes_per_sec();
+            }
+            Err(_) => {
+                // Any connection error voids the cached position.
+                k.view.fresh = false;
+                k.void_at = Some(now);
+                if r.unhealthy {
+                    k.view.health = Health::Unhealthy;
+                    k.returned_at = None;
+                }
+            }
+        }
+    }
+
+    fn primary_state(&self) -> PrimaryState {
+        let mut found = self
+            .servers
+            .iter()
+            .enumerate()
+            .filter(|(_, k)| k.view.health == Health::Healthy && k.view.role == Role::Primary)
+            .map(|(i, _)| i);
+        match (found.next(), found.next()) {
+            (None, _) => PrimaryState::Missing,
+            (Some(a), None) => PrimaryState::Known(a),
+            (Some(a), Some(b)) => PrimaryState::SplitBrain(a, b),
+        }
+    }
+
+    /// Builds and publishes the topology.
+    fn publish(&mut self, now: Instant) {
+        let primary = self.primary_state();
+        let primary_up = matches!(primary, PrimaryState::Known(_));
+        let newest = self.history.newest();
+        let slow_start = self.shared.config.fleet.slow_start;
+        let mut weights_changed = false;
+        for k in &mut self.servers {
+            let v = &mut k.view;
+            if v.role == Role::Replica {
+                v.lag_bytes = match (newest, v.lsn) {
+                    (Some(p), Some(l)) => Some(p.bytes_since(l)),
+                    _ => None,
+                };
+                v.lag = match v.lsn {
+                    // Receiver down while the primary is up: it may be arbitrarily behind.
+                    Some(_) if primary_up && !v.streaming => TimeLag::Unknown,
+                    Some(l) => self.history.lag(l, now),
+                    None => TimeLag::Unknown,
+                };
+            } else {
+                v.lag_bytes = Some(0);
+                v.lag = TimeLag::AtMost(Duration::ZERO);
+            }
+            let w = match k.returned_at {
+                Some(at) if !slow_start.is_zero() => {
+                    let f = now.saturating_duration_since(at).as_secs_f64() / slow_start.as_secs_f64();
+                    if f >= 1.0 {
+                        k.returned_at = None;
+                        k.weight
+                    } else {
+                        ((f64::from(k.weight) * f).ceil() as u32).clamp(1, k.weight.max(1))
+                    }
+                }
+                _ => k.weight,
+            };
+            if w != v.weight {
+                v.weight = w;
+                weights_changed = true;
+            }
+        }
+        self.version += 1;
+        let last = self.shared.topology.load();
+        let rr_seq = if weights_changed {
+            smooth_rr_sequence(&self.servers.iter().map(|k| k.view.weight).collect::<Vec<_>>())
+        } else {
+            last.rr_seq.clone()
+        };
+        let t = Topology {
+            weights: self.servers.iter().map(|k| k.view.weight).collect(),
+            servers: self.servers.iter().map(|k| k.view.clone()).collect(),
+            primary,
+            primary_lsn: newest,
+            system_id: self.system_id,
+            rr_seq,
+            max_lag_bytes: self.shared.config.consistency.max_lag_bytes,
+            max_lag: self.shared.config.consistency.max_lag,
+            version: self.version,
+        };
+        self.shared.publish(t);
+    }
+
+    /// Whether replica `idx` may still replay `token` (healthy, same timeline, not paused).
+    fn candidate(&self, idx: usize, token: &Token) -> bool {
+        let Some(k) = self.servers.get(idx) else {
+            return false;
+        };
+        let v = &k.view;
+        v.health == Health::Healthy
+            && v.role == Role::Replica
+            && v.weight > 0
+            && v.timeline == Some(token.timeline())
+            && !v.paused
+            && !matches!(v.lag, TimeLag::Unknown)
+    }
+
+    /// When replica `idx` is expected to have replayed a token that arrived at `arrived`.
+    fn expected_at(&self, idx: usize, token: &Token, arrived: Instant) -> Instant {
+        let k = &self.servers[idx];
+        if k.view.fresh && k.view.lsn.is_some_and(|l| l >= token.lsn()) {
+            return arrived;
+        }
+        let lag = k.view.lag.approx().unwrap_or_default();
+        // Written no later than it was first seen on the primary, or than it arrived.
+        let written = self.history.time_of(token.lsn()).map_or(arrived, |t| t.min(arrived));
+        written + lag
+    }
+
+    fn wait(&mut self, myself: &ActorRef<RouterMsg>, req: WaitRequest, reply: RpcReplyPort<WaitReply>, now: Instant) {
+        let topo = self.shared.topology.load();
+        if let Some(i) = self.pick_replica(&topo, &req.token) {
+            let _ = reply.send(WaitReply::Serve(i));
+            return;
+        }
+        let max = self.shared.config.fleet.max_waiters;
+        if self.waiters.len() >= max {
+            let _ = reply.send(WaitReply::TooMany(max));
+            return;
+        }
+        let deadline = req.deadline;
+        let mut any = false;
+        for idx in 0..self.servers.len() {
+            if !self.candidate(idx, &req.token) {
+                continue;
+            }
+            let at = self.expected_at(idx, &req.token, now);
+            if at > deadline {
+                continue;
+            }
+            any = true;
+            self.schedule_probe(myself, idx, at.max(now), now);
+        }
+        if !any {
+            let _ = reply.send(self.fallback_reply(&req.token));
+            return;
+        }
+        self.seq += 1;
+        self.shared.counters.ryw_waited.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.waiters.insert(
+            (req.token.lsn(), self.seq),
+            Waiter {
+                token: req.token,
+                arrived: now,
+                deadline,
+                reply,
+            },
+        );
+        self.schedule_expire(myself, deadline, now);
+    }
+
+    fn pick_replica(&self, topo: &Topology, token: &Token) -> Option<usize> {
+        let need = ReadNeed::After(*token);
+        select(
+            self.shared.config.fleet.strategy,
+            &topo.weights,
+            &topo.rr_seq,
+            &self.shared.rr,
+            |i| topo.servers[i].role == Role::Replica && topo.can_serve(i, &need),
+            |i| self.shared.slots[i].in_flight.load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+
+    fn fallback_reply(&self, token: &Token) -> WaitReply {
+        // The replica closest to the token.
+        let best = self
+            .servers
+            .iter()
+            .filter(|k| k.view.role == Role::Replica && k.view.health == Health::Healthy)
+            .filter_map(|k| k.view.lsn.map(|l| (token.lsn().bytes_since(l), k)))
+            .min_by_key(|(b, _)| *b);
+        match best {
+            Some((behind, k)) => WaitReply::Fallback {
+                behind_bytes: Some(behind),
+                catch_up: if k.view.paused { None } else { k.rate.catch_up(behind) },
+            },
+            None => WaitReply::Fallback {
+                behind_bytes: None,
+                catch_up: None,
+            },
+        }
+    }
+
+    fn schedule_probe(&mut self, myself: &ActorRef<RouterMsg>, idx: usize, at: Instant, now: Instant) {
+        let k = &mut self.servers[idx];
+        if k.probe_at.is_some_and(|p| p <= at) {
+            return;
+        }
+        k.probe_at = Some(at);
+        let delay = at.saturating_duration_since(now);
+        if delay.is_zero() {
+            k.probe_at = None;
+            self.shared.slots[idx].probe_now();
+            self.shared.counters.wait_probes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        } else {
+            myself.send_after(delay, move || RouterMsg::ProbeDue(idx));
+        }
+    }
+
+    fn schedule_expire(&mut self, myself: &ActorRef<RouterMsg>, deadline: Instant, now: Instant) {
+        if self.expire_at.is_some_and(|e| e <= deadline) {
+            return;
+        }
+        self.expire_at = Some(deadline);
+        myself.send_after(deadline.saturating_duration_since(now), || RouterMsg::Expire);
+    }
+
+    /// Answers every waiter a replica can now serve, falls back those that cannot be
+    /// served in time, and schedules the next probes for the rest.
+    fn service_waiters(&mut self, myself: &ActorRef<RouterMsg>, now: Instant) {
+        if self.waiters.is_empty() {
+            return;
+        }
+        let topo = self.shared.topology.load_full();
+        let keys: Vec<(Lsn, u64)> = self.waiters.keys().copied().collect();
+        let mut next_probe: Vec<Option<Instant>> = vec![None; self.servers.len()];
+        let mut next_expire: Option<Instant> = None;
+        for key in keys {
+            let Some(w) = self.waiters.get(&key) else { continue };
+            let token = w.token;
+            if let Some(i) = self.pick_replica(&topo, &token) {
+                if let Some(w) = self.waiters.remove(&key) {
+                    let _ = w.reply.send(WaitReply::Serve(i));
+                }
+                continue;
+            }
+            let (arrived, deadline) = (w.arrived, w.deadline);
+            let mut any = false;
+            for (idx, slot) in next_probe.iter_mut().enumerate() {
+                if !self.candidate(idx, &token) {
+                    continue;
+                }
+                let expected = self.expected_at(idx, &token, arrived);
+                if expected > deadline {
+                    continue;
+                }
+                any = true;
+                // Expected already: check again shortly, spaced by a fraction of its lag.
+                let step = self.servers[idx]
+                    .view
+                    .lag
+                    .approx()
+                    .unwrap_or_default()
+                    .div_f64(4.0)
+                    .clamp(Duration::from_millis(1), Duration::from_millis(10));
+                let at = expected.max(now + step);
+                if slot.is_none_or(|s| at < s) {
+                    *slot = Some(at);
+                }
+            }
+            if !any || deadline <= now {
+                let reply = self.fallback_reply(&token);
+                if let Some(w) = self.waiters.remove(&key) {
+                    let _ = w.reply.send(reply);
+                }
+                continue;
+            }
+            if next_expire.is_none_or(|e| deadline < e) {
+                next_expire = Some(deadline);
+            }
+        }
+        for (idx, at) in next_probe.into_iter().enumerate() {
+            if let Some(at) = at {
+                self.schedule_probe(myself, idx, at, now);
+            }
+        }
+        if let Some(e) = next_expire {
+            self.schedule_expire(myself, e, now);
+        }
+        tracing::trace!(target: TARGET, waiting = self.waiters.len(), "waiters serviced");
+    }
+}

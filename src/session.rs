@@ -1,0 +1,132 @@
+//! [`Session`]: read-your-writes and monotonic reads for one logical user or request
+//! chain, by carrying a high-water mark between leases.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::sync::Notify;
+
+use crate::error::Error;
+use crate::lease::{Consistency, Intent, Lease};
+use crate::shared::Shared;
+use crate::token::Token;
+
+/// Tracks what a session has written and seen, so its reads never go back in time.
+///
+/// Its high-water mark is the max of its own commit tokens and an **upper bound** of what
+/// each of its reads may have seen: the server's replay position read on the same
+/// connection after the lease's last query (at release). Every read through the session
+/// is then served by a server that has replayed at least that mark (or by the primary).
+/// The router's cached position at lease time is only a lower bound and is never used.
+///
+/// Releasing a session lease costs one short query on its connection, run after the
+/// lease is dropped; the session's next lease waits for it.
+#[derive(Clone)]
+pub struct Session {
+    pub(crate) inner: Arc<SessionInner>,
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session").field("token", &self.token()).finish()
+    }
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct SessionInner {
+    /// The high-water mark.
+    mark: Mutex<Option<Token>>,
+    /// Releases still reading their upper bound.
+    pending: AtomicUsize,
+    /// Woken when a release finishes.
+    released: Notify,
+    /// Set when a release could not read its bound: the next read goes to the primary.
+    unknown: AtomicBool,
+}
+
+impl SessionInner {
+    /// Raises the mark to at least `t`.
+    pub(crate) fn advance(&self, t: Token) {
+        if let Ok(mut m) = self.mark.lock() {
+            *m = Some(match *m {
+                Some(old) if old.system_id() == t.system_id() => old.max(t),
+                _ => t,
+            });
+        }
+    }
+
+    pub(crate) fn release_started(&self) {
+        self.pending.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub(crate) fn release_finished(&self, seen: Option<Token>) {
+        match seen {
+            Some(t) => self.advance(t),
+            None => self.unknown.store(true, Ordering::Release),
+        }
+        self.pending.fetch_sub(1, Ordering::AcqRel);
+        self.released.notify_waiters();
+    }
+
+    fn mark(&self) -> Option<Token> {
+        self.mark.lock().ok().and_then(|m| *m)
+    }
+}
+
+impl Session {
+    /// The session's high-water mark: hand it to a later request (a cookie, a header)
+    /// and resume with [`crate::Fleet::session_from`].
+    pub fn token(&self) -> Option<Token> {
+        self.inner.mark()
+    }
+
+    /// Raises the mark to include `token` (a write made elsewhere that this session must see).
+    pub fn observe(&self, token: Token) {
+        self.inner.advance(token);
+    }
+
+    /// Leases a connection for `intent` within this session: reads see the session's
+    /// writes and never go back in time; writes advance the mark when released.
+    ///
+    /// Reads become read-after-mark (the stronger of the mark and any token given);
+    /// `Strong` reads and writes go to the primary as usual.
+    ///
+    /// # Errors
+    ///
+    /// As [`crate::Fleet::lease`].
+    pub async fn lease(&self, intent: Intent) -> Result<Lease, Error> {
+        let deadline = Instant::now() + self.shared.config.fleet.lease_timeout;
+        // The previous lease's upper bound must be in the mark before routing.
+        loop {
+            let notified = self.inner.released.notified();
+            if self.inner.pending.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            if tokio::time::timeout_at(deadline.into(), notified).await.is_err() {
+                self.inner.unknown.store(true, Ordering::Release);
+                break;
+            }
+        }
+        let intent = match intent {
+            Intent::Read(c) if c != Consistency::Strong => {
+                if self.inner.unknown.swap(false, Ordering::AcqRel) {
+                    Intent::Read(Consistency::Strong)
+                } else {
+                    let given = match c {
+                        Consistency::AfterLsn(t) => Some(t),
+                        _ => None,
+                    };
+                    match (self.inner.mark(), given) {
+                        (Some(m), Some(t)) if m.system_id() == t.system_id() => Intent::read_after(&m.max(t)),
+                        (Some(m), _) => Intent::read_after(&m),
+                        (None, _) => intent,
+                    }
+                }
+            }
+            other => other,
+        };
+        crate::fleet::lease_on(&self.shared, intent, Some(self.inner.clone())).await
+    }
+}

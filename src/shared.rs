@@ -1,0 +1,164 @@
+//! State shared by the `Fleet` handles, the leases and the actors: the published
+//! topology, per-server slots (pools, counters) and the current router.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use ractor::ActorRef;
+use tokio::sync::Notify;
+
+use crate::config::{Config, ServerUrl};
+use crate::conn::{NetOptions, Pool};
+use crate::router::RouterMsg;
+use crate::server::ServerMsg;
+use crate::topology::Topology;
+
+/// One server's two pools: reads run with `default_transaction_read_only = on`, so a
+/// write under a read lease fails the same way on the primary as on a replica.
+#[derive(Debug)]
+pub(crate) struct Pools {
+    /// For `Read` leases.
+    pub(crate) read: Pool,
+    /// For `Write` leases.
+    pub(crate) write: Pool,
+}
+
+impl Pools {
+    /// Closes both pools; connections in use are dropped when their leases end.
+    pub(crate) fn close(&self) {
+        self.read.close();
+        self.write.close();
+    }
+}
+
+/// Per-server state that outlives the server's actor (restarts keep the counters).
+#[derive(Debug)]
+pub(crate) struct ServerSlot {
+    /// The server's configured name.
+    pub(crate) name: Arc<str>,
+    /// Where it is (no password in Debug).
+    pub(crate) url: ServerUrl,
+    /// Pool size from the config.
+    pub(crate) pool_size: usize,
+    /// Configured read weight (replica `weight`, primary `read_weight`).
+    pub(crate) weight: u32,
+    /// Pools of the current actor incarnation; `None` while it is down.
+    pub(crate) pools: ArcSwapOption<Pools>,
+    /// The current actor, for `ProbeNow` from leases.
+    pub(crate) actor: ArcSwapOption<ActorRef<ServerMsg>>,
+    /// Leases currently held on this server (least-outstanding input, drain on shutdown).
+    pub(crate) in_flight: AtomicU64,
+    /// Leases granted on this server.
+    pub(crate) leases: AtomicU64,
+    /// Of those, fallbacks (reads that wanted a replica).
+    pub(crate) fallbacks: AtomicU64,
+    /// Times the supervisor restarted its actor.
+    pub(crate) restarts: AtomicU32,
+    /// Whether the actor is down and waiting for its restart.
+    pub(crate) restarting: AtomicBool,
+    /// The last error seen (probe or actor failure).
+    pub(crate) last_error: Mutex<Option<String>>,
+}
+
+impl ServerSlot {
+    pub(crate) fn new(name: &str, url: ServerUrl, pool_size: usize, weight: u32) -> Self {
+        ServerSlot {
+            name: name.into(),
+            url,
+            pool_size,
+            weight,
+            pools: ArcSwapOption::empty(),
+            actor: ArcSwapOption::empty(),
+            in_flight: AtomicU64::new(0),
+            leases: AtomicU64::new(0),
+            fallbacks: AtomicU64::new(0),
+            restarts: AtomicU32::new(0),
+            restarting: AtomicBool::new(false),
+            last_error: Mutex::new(None),
+        }
+    }
+
+    pub(crate) fn set_error(&self, e: impl Into<String>) {
+        if let Ok(mut g) = self.last_error.lock() {
+            *g = Some(e.into());
+        }
+    }
+
+    pub(crate) fn last_error(&self) -> Option<String> {
+        self.last_error.lock().ok().and_then(|g| g.clone())
+    }
+
+    /// Asks the server's actor for an immediate probe (no-op while it is down).
+    pub(crate) fn probe_now(&self) {
+        if let Some(a) = self.actor.load().as_ref() {
+            let _ = a.cast(ServerMsg::ProbeNow);
+        }
+    }
+}
+
+/// Fleet-wide counters for read-your-writes.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    /// Read-after-token leases served by a replica.
+    pub(crate) ryw_on_replica: AtomicU64,
+    /// Read-after-token leases served by the primary (fallback or strong).
+    pub(crate) ryw_on_primary: AtomicU64,
+    /// Read-after-token leases that had to wait at the router.
+    pub(crate) ryw_waited: AtomicU64,
+    /// Read-after-token leases refused (error fallback, too many waiters).
+    pub(crate) ryw_refused: AtomicU64,
+    /// Probes sent because a read was waiting.
+    pub(crate) wait_probes: AtomicU64,
+}
+
+/// Everything the handles, leases and actors share.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    /// The validated configuration.
+    pub(crate) config: Config,
+    /// Socket settings derived from it.
+    pub(crate) net: NetOptions,
+    /// One slot per server: index 0 is the configured primary, then replicas in order.
+    pub(crate) slots: Vec<ServerSlot>,
+    /// The latest topology, swapped atomically by the router.
+    pub(crate) topology: ArcSwap<Topology>,
+    /// Woken after every publish, for leases waiting for a primary.
+    pub(crate) changed: Notify,
+    /// The current router (changes when the supervisor restarts it).
+    pub(crate) router: ArcSwapOption<ActorRef<RouterMsg>>,
+    /// Shared round-robin position.
+    pub(crate) rr: AtomicUsize,
+    /// Set by `shutdown`; no new leases after it.
+    pub(crate) shutting_down: AtomicBool,
+    /// Woken whenever a lease is released during shutdown.
+    pub(crate) drained: Notify,
+    /// Read-your-writes counters.
+    pub(crate) counters: Counters,
+}
+
+impl Shared {
+    /// Leases held across all servers.
+    pub(crate) fn in_flight(&self) -> u64 {
+        self.slots
+            .iter()
+            .map(|s| s.in_flight.load(Ordering::Acquire))
+            .sum()
+    }
+
+    pub(crate) fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Acquire)
+    }
+
+    /// Publishes a new topology and wakes waiters.
+    pub(crate) fn publish(&self, t: Topology) {
+        self.topology.store(Arc::new(t));
+        self.changed.notify_waiters();
+    }
+
+    /// Bound on the release-time and recycle queries.
+    pub(crate) fn query_timeout(&self) -> Duration {
+        self.config.fleet.probe_timeout
+    }
+}
