@@ -14,11 +14,12 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
+use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_postgres::config::Host;
@@ -41,6 +42,11 @@ pub(crate) struct ConnState {
     /// Set when the server refused a write as read-only (SQLSTATE 25006): the server's
     /// role may have changed, so its actor should probe at once.
     saw_read_only: AtomicBool,
+    /// Set when the server was declared down: the socket fails at its next poll, so a
+    /// query hung on a dead or blackholed server ends now instead of at TCP timeouts.
+    killed: AtomicBool,
+    /// Wakes the connection task so it sees `killed`.
+    waker: AtomicWaker,
 }
 
 impl ConnState {
@@ -48,7 +54,25 @@ impl ConnState {
         ConnState {
             tx_status: AtomicU8::new(0),
             saw_read_only: AtomicBool::new(false),
+            killed: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
         }
+    }
+
+    /// Fails the connection: pending and later I/O on it returns an error.
+    pub(crate) fn kill(&self) {
+        self.killed.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    fn check_killed(&self, cx: &Context<'_>) -> Option<io::Error> {
+        self.waker.register(cx.waker());
+        self.killed.load(Ordering::Acquire).then(|| {
+            io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "server declared down by pgfleet",
+            )
+        })
     }
 
     /// Whether the connection sits idle outside any transaction block.
@@ -185,6 +209,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for SniffStream<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if let Some(e) = self.state.check_killed(cx) {
+            return Poll::Ready(Err(e));
+        }
         let before = buf.filled().len();
         let SniffStream {
             inner,
@@ -205,6 +232,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for SniffStream<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if let Some(e) = self.state.check_killed(cx) {
+            return Poll::Ready(Err(e));
+        }
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -221,6 +251,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for SniffStream<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if let Some(e) = self.state.check_killed(cx) {
+            return Poll::Ready(Err(e));
+        }
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 
@@ -272,6 +305,34 @@ impl AsyncWrite for Socket {
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         delegate!(self, s => s.poll_shutdown(cx))
+    }
+}
+
+/// Every live connection of one server incarnation, so they can all be failed at once
+/// when the server is declared down.
+#[derive(Debug, Default)]
+pub(crate) struct ConnRegistry {
+    conns: Mutex<Vec<Weak<ConnState>>>,
+}
+
+impl ConnRegistry {
+    fn add(&self, state: &Arc<ConnState>) {
+        if let Ok(mut v) = self.conns.lock() {
+            v.retain(|w| w.strong_count() > 0);
+            v.push(Arc::downgrade(state));
+        }
+    }
+
+    /// Fails every live connection (pooled and leased). Returns how many.
+    pub(crate) fn kill_all(&self) -> usize {
+        let Ok(mut v) = self.conns.lock() else {
+            return 0;
+        };
+        let live: Vec<_> = v.drain(..).filter_map(|w| w.upgrade()).collect();
+        for c in &live {
+            c.kill();
+        }
+        live.len()
     }
 }
 
@@ -337,6 +398,7 @@ async fn open_socket(host: &Host, port: u16, net: &NetOptions) -> io::Result<Soc
 pub(crate) async fn connect(
     pg: &tokio_postgres::Config,
     net: &NetOptions,
+    registry: Option<&ConnRegistry>,
 ) -> Result<PgConn, ConnectError> {
     let fut = async {
         let host = pg
@@ -348,6 +410,9 @@ pub(crate) async fn connect(
             .await
             .map_err(|e| ConnectError(format!("socket: {e}")))?;
         let state = Arc::new(ConnState::new());
+        if let Some(r) = registry {
+            r.add(&state);
+        }
         let stream = SniffStream::new(socket, state.clone());
         let (client, connection) = pg
             .connect_raw(stream, NoTls)
@@ -398,6 +463,8 @@ pub(crate) struct ConnManager {
     pub(crate) net: NetOptions,
     /// Bound on the rollback of a connection released inside a transaction.
     pub(crate) rollback_timeout: Duration,
+    /// Where new connections register, to be failed together when the server is down.
+    pub(crate) registry: Arc<ConnRegistry>,
 }
 
 impl managed::Manager for ConnManager {
@@ -405,7 +472,7 @@ impl managed::Manager for ConnManager {
     type Error = ConnectError;
 
     async fn create(&self) -> Result<PgConn, ConnectError> {
-        connect(&self.pg, &self.net).await
+        connect(&self.pg, &self.net, Some(&self.registry)).await
     }
 
     async fn recycle(&self, conn: &mut PgConn, _: &Metrics) -> RecycleResult<ConnectError> {
@@ -440,6 +507,7 @@ pub(crate) fn build_pool(
     size: usize,
     net: NetOptions,
     rollback_timeout: Duration,
+    registry: Arc<ConnRegistry>,
 ) -> Result<Pool, String> {
     let mut pg = pg.clone();
     if read_only {
@@ -453,6 +521,7 @@ pub(crate) fn build_pool(
         pg,
         net,
         rollback_timeout,
+        registry,
     })
     .max_size(size)
     .runtime(deadpool::Runtime::Tokio1)

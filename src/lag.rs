@@ -123,6 +123,16 @@ impl LagHistory {
         TimeLag::AtMost(now.saturating_duration_since(self.samples[idx - 1].1))
     }
 
+    /// A lower bound of how long a replica that had replayed `replay` at `at` takes to
+    /// replay what the primary writes: the primary was already past `replay` at the time
+    /// of the first sample above it, and the replica had not caught up by `at`.
+    pub(crate) fn delay_lower_bound(&self, replay: Lsn, at: Instant) -> Duration {
+        let idx = self.samples.partition_point(|s| s.0 <= replay);
+        self.samples
+            .get(idx)
+            .map_or(Duration::ZERO, |s| at.saturating_duration_since(s.1))
+    }
+
     /// When the primary was first seen at or past `lsn` (the write's time, bounded above).
     pub(crate) fn time_of(&self, lsn: Lsn) -> Option<Instant> {
         let idx = self.samples.partition_point(|s| s.0 < lsn);
@@ -206,6 +216,18 @@ mod tests {
         // A replica reporting ahead of the last primary sample is not "negative" lag.
         assert_eq!(h.lag(Lsn(5000), t0 + ms(5)), TimeLag::AtMost(Duration::ZERO));
         assert!(!h.lag(Lsn(10), t0 + ms(6000)).within(ms(5000)));
+    }
+
+    #[test]
+    fn delay_lower_bound_ignores_an_idle_past() {
+        let t0 = Instant::now();
+        let mut h = LagHistory::new(Duration::from_secs(60));
+        h.record(Lsn(100), t0);
+        // Idle for 10 s, then a write at 200 seen at t0 + 10 s.
+        h.record(Lsn(200), t0 + ms(10_000));
+        // Probed 20 ms after the write, still at 100: at least 20 ms of delay, not 10 s.
+        assert_eq!(h.delay_lower_bound(Lsn(100), t0 + ms(10_020)), ms(20));
+        assert_eq!(h.delay_lower_bound(Lsn(200), t0 + ms(10_020)), Duration::ZERO);
     }
 
     #[test]

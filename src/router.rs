@@ -105,6 +105,9 @@ struct Known {
     probe_at: Option<Instant>,
     /// The configured read weight.
     weight: u32,
+    /// Lower bound of its replay delay at its last report: how long after the primary
+    /// writes something this replica replays it. Drives probe scheduling for waiters.
+    replay_delay: Duration,
 }
 
 /// Router actor state.
@@ -159,6 +162,7 @@ impl Actor for Router {
                     returned_at: None,
                     probe_at: None,
                     weight: slot.weight,
+                    replay_delay: Duration::ZERO,
                 }
             })
             .collect();
@@ -302,6 +306,7 @@ impl RouterState {
                 if let Some(l) = d.lsn {
                     if d.in_recovery {
                         k.rate.record(l, r.started);
+                        k.replay_delay = self.history.delay_lower_bound(l, r.started);
                     } else {
                         self.history.record(l, r.started);
                     }
@@ -416,10 +421,9 @@ impl RouterState {
         if k.view.fresh && k.view.lsn.is_some_and(|l| l >= token.lsn()) {
             return arrived;
         }
-        let lag = k.view.lag.approx().unwrap_or_default();
         // Written no later than it was first seen on the primary, or than it arrived.
         let written = self.history.time_of(token.lsn()).map_or(arrived, |t| t.min(arrived));
-        written + lag
+        written + k.replay_delay
     }
 
     fn wait(&mut self, myself: &ActorRef<RouterMsg>, req: WaitRequest, reply: RpcReplyPort<WaitReply>, now: Instant) {
@@ -552,10 +556,7 @@ impl RouterState {
                 any = true;
                 // Expected already: check again shortly, spaced by a fraction of its lag.
                 let step = self.servers[idx]
-                    .view
-                    .lag
-                    .approx()
-                    .unwrap_or_default()
+                    .replay_delay
                     .div_f64(4.0)
                     .clamp(Duration::from_millis(1), Duration::from_millis(10));
                 let at = expected.max(now + step);

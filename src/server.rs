@@ -12,7 +12,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::task::JoinHandle;
 use tokio_postgres::Statement;
 
-use crate::conn::{self, build_pool, describe, PgConn};
+use crate::conn::{self, build_pool, describe, ConnRegistry, PgConn};
 use crate::lsn::Lsn;
 use crate::router::RouterMsg;
 use crate::shared::{Pools, Shared};
@@ -151,9 +151,11 @@ impl Actor for Server {
         let slot = &shared.slots[args.idx];
         let pg = slot.url.pg_config();
         let rollback = shared.query_timeout();
+        let registry = Arc::new(ConnRegistry::default());
         let pools = Arc::new(Pools {
-            read: build_pool(pg, true, slot.pool_size, shared.net, rollback)?,
-            write: build_pool(pg, false, slot.pool_size, shared.net, rollback)?,
+            read: build_pool(pg, true, slot.pool_size, shared.net, rollback, registry.clone())?,
+            write: build_pool(pg, false, slot.pool_size, shared.net, rollback, registry.clone())?,
+            registry,
         });
         slot.pools.store(Some(pools.clone()));
         slot.actor.store(Some(Arc::new(myself)));
@@ -255,7 +257,7 @@ fn start_probe(myself: &ActorRef<ServerMsg>, state: &mut ServerState) {
 
 async fn open_probe_conn(shared: &Shared, idx: usize) -> Result<ProbeConn, String> {
     let slot = &shared.slots[idx];
-    let conn = conn::connect(slot.url.pg_config(), &shared.net)
+    let conn = conn::connect(slot.url.pg_config(), &shared.net, None)
         .await
         .map_err(|e| e.0)?;
     let setup = async {
@@ -351,6 +353,12 @@ fn on_probe_done(state: &mut ServerState, outcome: ProbeOutcome) -> Result<(), A
         }
         Err(e) => {
             state.failures += 1;
+            if state.failures == fleet.failure_threshold {
+                // Declared down: fail every connection, leased ones included, so queries
+                // hung on a dead or unanswering server end now, not at TCP timeouts.
+                let n = state.pools.registry.kill_all();
+                tracing::warn!(target: TARGET, server = %slot.name, killed = n, error = %e, "server unhealthy; its connections were failed");
+            }
             let since = *state.down_since.get_or_insert(outcome.started);
             slot.set_error(e.clone());
             tracing::debug!(target: TARGET, server = %slot.name, failures = state.failures, error = %e, "probe failed");

@@ -10,7 +10,7 @@ use ractor::ActorRef;
 use tokio::sync::Notify;
 
 use crate::config::{Config, ServerUrl};
-use crate::conn::{NetOptions, Pool};
+use crate::conn::{ConnRegistry, NetOptions, Pool};
 use crate::router::RouterMsg;
 use crate::server::ServerMsg;
 use crate::topology::Topology;
@@ -23,6 +23,8 @@ pub(crate) struct Pools {
     pub(crate) read: Pool,
     /// For `Write` leases.
     pub(crate) write: Pool,
+    /// Every connection both pools opened.
+    pub(crate) registry: Arc<ConnRegistry>,
 }
 
 impl Pools {
