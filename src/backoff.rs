@@ -14,7 +14,11 @@ pub(crate) fn restart_delay(attempt: u32, min: Duration, max: Duration, unit: f6
         .min(max)
         .max(min.min(max));
     let half = base / 2;
-    let unit = if unit.is_finite() { unit.clamp(0.0, 1.0) } else { 0.0 };
+    let unit = if unit.is_finite() {
+        unit.clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
     half + half.mul_f64(unit)
 }
 

@@ -132,42 +132,42 @@ impl<S> SniffStream<S> {
 
 /// Advances the framing state over `data`, recording what the connection state needs.
 fn observe(frame: &mut Frame, state: &ConnState, mut data: &[u8]) {
-        while !data.is_empty() {
-            match frame {
-                Frame::Header { buf, have } => {
-                    let take = (5 - *have).min(data.len());
-                    buf[*have..*have + take].copy_from_slice(&data[..take]);
-                    *have += take;
-                    data = &data[take..];
-                    if *have == 5 {
-                        let kind = buf[0];
-                        let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
-                        *frame = Frame::Body {
-                            kind,
-                            remaining: len.saturating_sub(4),
-                            head: Vec::new(),
-                        };
-                        finish_if_empty(frame, state);
-                    }
-                }
-                Frame::Body {
-                    kind,
-                    remaining,
-                    head,
-                } => {
-                    let take = (*remaining).min(data.len());
-                    if *kind == b'Z' && take > 0 {
-                        state.tx_status.store(data[0], Ordering::Release);
-                    } else if *kind == b'E' && head.len() < 256 {
-                        let room = 256 - head.len();
-                        head.extend_from_slice(&data[..take.min(room)]);
-                    }
-                    *remaining -= take;
-                    data = &data[take..];
+    while !data.is_empty() {
+        match frame {
+            Frame::Header { buf, have } => {
+                let take = (5 - *have).min(data.len());
+                buf[*have..*have + take].copy_from_slice(&data[..take]);
+                *have += take;
+                data = &data[take..];
+                if *have == 5 {
+                    let kind = buf[0];
+                    let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+                    *frame = Frame::Body {
+                        kind,
+                        remaining: len.saturating_sub(4),
+                        head: Vec::new(),
+                    };
                     finish_if_empty(frame, state);
                 }
             }
+            Frame::Body {
+                kind,
+                remaining,
+                head,
+            } => {
+                let take = (*remaining).min(data.len());
+                if *kind == b'Z' && take > 0 {
+                    state.tx_status.store(data[0], Ordering::Release);
+                } else if *kind == b'E' && head.len() < 256 {
+                    let room = 256 - head.len();
+                    head.extend_from_slice(&data[..take.min(room)]);
+                }
+                *remaining -= take;
+                data = &data[take..];
+                finish_if_empty(frame, state);
+            }
         }
+    }
 }
 
 fn finish_if_empty(frame: &mut Frame, state: &ConnState) {
@@ -297,7 +297,11 @@ impl AsyncRead for Socket {
 }
 
 impl AsyncWrite for Socket {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         delegate!(self, s => s.poll_write(cx, buf))
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -488,7 +492,11 @@ impl managed::Manager for ConnManager {
             let rollback = conn.client.batch_execute("ROLLBACK");
             match tokio::time::timeout(self.rollback_timeout, rollback).await {
                 Ok(Ok(())) if conn.state.is_idle() => return Ok(()),
-                _ => return Err(RecycleError::message("could not roll back open transaction")),
+                _ => {
+                    return Err(RecycleError::message(
+                        "could not roll back open transaction",
+                    ))
+                }
             }
         }
         Err(RecycleError::message("connection in an unknown state"))

@@ -53,7 +53,9 @@ pub enum Error {
         catch_up: Option<Duration>,
     },
     /// Too many read-your-writes leases are already waiting for replicas to catch up.
-    #[error("{waiting} read-your-writes leases already waiting (fleet.max_waiters); request refused")]
+    #[error(
+        "{waiting} read-your-writes leases already waiting (fleet.max_waiters); request refused"
+    )]
     TooManyWaiters {
         /// The bound that was reached.
         waiting: usize,
@@ -164,8 +166,7 @@ impl Error {
         if (code == "40001" || code == "40P01") && message.contains("conflict with recovery") {
             return Error::RecoveryConflict { server, source };
         }
-        if code == "0A000" && message.contains("serializable") && message.contains("hot standby")
-        {
+        if code == "0A000" && message.contains("serializable") && message.contains("hot standby") {
             return Error::SerializableOnStandby { server, source };
         }
         Error::Postgres { server, source }

@@ -37,7 +37,15 @@ pub struct Fleet {
 impl std::fmt::Debug for Fleet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Fleet")
-            .field("servers", &self.shared.slots.iter().map(|s| &*s.name).collect::<Vec<_>>())
+            .field(
+                "servers",
+                &self
+                    .shared
+                    .slots
+                    .iter()
+                    .map(|s| &*s.name)
+                    .collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -67,9 +75,19 @@ impl Fleet {
         config.validate()?;
         let mut slots = Vec::with_capacity(1 + config.replicas.len());
         let p = &config.primary;
-        slots.push(ServerSlot::new(&p.name, p.url.clone(), p.pool_size, p.read_weight));
+        slots.push(ServerSlot::new(
+            &p.name,
+            p.url.clone(),
+            p.pool_size,
+            p.read_weight,
+        ));
         for r in &config.replicas {
-            slots.push(ServerSlot::new(&r.name, r.url.clone(), r.pool_size, r.weight));
+            slots.push(ServerSlot::new(
+                &r.name,
+                r.url.clone(),
+                r.pool_size,
+                r.weight,
+            ));
         }
         let weights: Vec<u32> = slots.iter().map(|s| s.weight).collect();
         let topology = Topology::initial(
@@ -111,11 +129,16 @@ impl Fleet {
             let notified = self.shared.changed.notified();
             let t = self.shared.topology.load();
             if t.primary_index().is_some()
-                && t.servers.iter().all(|s| s.health != crate::Health::Starting)
+                && t.servers
+                    .iter()
+                    .all(|s| s.health != crate::Health::Starting)
             {
                 return true;
             }
-            if tokio::time::timeout_at(deadline.into(), notified).await.is_err() {
+            if tokio::time::timeout_at(deadline.into(), notified)
+                .await
+                .is_err()
+            {
                 return false;
             }
         }
@@ -252,7 +275,10 @@ impl Fleet {
             if self.shared.in_flight() == 0 {
                 break;
             }
-            if tokio::time::timeout_at(deadline.into(), notified).await.is_err() {
+            if tokio::time::timeout_at(deadline.into(), notified)
+                .await
+                .is_err()
+            {
                 break;
             }
         }
@@ -282,7 +308,10 @@ impl Fleet {
             .iter()
             .find(|s| &*s.name == name)
             .and_then(|s| s.actor.load_full())
-            .map(|a| a.cast(ServerMsg::Fail("test-induced failure".into())).is_ok())
+            .map(|a| {
+                a.cast(ServerMsg::Fail("test-induced failure".into()))
+                    .is_ok()
+            })
             .unwrap_or(false)
     }
 
@@ -376,10 +405,12 @@ pub(crate) async fn lease_on(
         }
         let topo = shared.topology.load();
         let (idx, fallback, write_pool) = match need {
-            Need::Write | Need::Strong => match primary_or_wait(shared, &topo, start, deadline).await? {
-                Some(i) => (i, false, matches!(need, Need::Write)),
-                None => continue,
-            },
+            Need::Write | Need::Strong => {
+                match primary_or_wait(shared, &topo, start, deadline).await? {
+                    Some(i) => (i, false, matches!(need, Need::Write)),
+                    None => continue,
+                }
+            }
             Need::Read(rn) => {
                 let pick = select(
                     cfg.fleet.strategy,
@@ -408,9 +439,15 @@ pub(crate) async fn lease_on(
                                 shared.counters.ryw_refused.fetch_add(1, Ordering::Relaxed);
                                 return Err(Error::TooManyWaiters { waiting: n });
                             }
-                            WaitReply::Fallback { behind_bytes, catch_up } if cfg.consistency.fallback == Fallback::Error => {
+                            WaitReply::Fallback {
+                                behind_bytes,
+                                catch_up,
+                            } if cfg.consistency.fallback == Fallback::Error => {
                                 shared.counters.ryw_refused.fetch_add(1, Ordering::Relaxed);
-                                return Err(Error::NoFreshReplica { behind_bytes, catch_up });
+                                return Err(Error::NoFreshReplica {
+                                    behind_bytes,
+                                    catch_up,
+                                });
                             }
                             _ => match primary_or_wait(shared, &topo, start, deadline).await? {
                                 Some(i) => (i, true, false),
@@ -428,7 +465,9 @@ pub(crate) async fn lease_on(
             Ok(conn) => {
                 // A connection to a server that restarted since its last probe may show
                 // older data than the cached position says (pitfall 5).
-                if role == Role::Replica && expected_start.is_some_and(|s| s != conn.postmaster_start_us) {
+                if role == Role::Replica
+                    && expected_start.is_some_and(|s| s != conn.postmaster_start_us)
+                {
                     void(shared, idx);
                     exclude(&mut excluded, idx);
                     continue;
@@ -441,8 +480,12 @@ pub(crate) async fn lease_on(
                 }
                 if let Need::Read(ReadNeed::After(_)) = need {
                     let c = &shared.counters;
-                    if role == Role::Replica { &c.ryw_on_replica } else { &c.ryw_on_primary }
-                        .fetch_add(1, Ordering::Relaxed);
+                    if role == Role::Replica {
+                        &c.ryw_on_replica
+                    } else {
+                        &c.ryw_on_primary
+                    }
+                    .fetch_add(1, Ordering::Relaxed);
                 }
                 return Ok(Lease {
                     conn: Some(conn),
@@ -470,7 +513,9 @@ pub(crate) async fn lease_on(
                 exclude(&mut excluded, idx);
                 if Instant::now() >= deadline {
                     return Err(match need {
-                        Need::Write | Need::Strong => Error::NoPrimary { waited: start.elapsed() },
+                        Need::Write | Need::Strong => Error::NoPrimary {
+                            waited: start.elapsed(),
+                        },
                         Need::Read(_) => Error::Timeout {
                             server: "*".into(),
                             what: "a server that accepts connections",
@@ -480,7 +525,11 @@ pub(crate) async fn lease_on(
                 }
                 if matches!(need, Need::Write | Need::Strong) || fallback {
                     // The primary is unreachable; wait for the topology to move.
-                    wait_change(shared, deadline.min(Instant::now() + cfg.fleet.probe_interval)).await;
+                    wait_change(
+                        shared,
+                        deadline.min(Instant::now() + cfg.fleet.probe_interval),
+                    )
+                    .await;
                     excluded.clear();
                 }
             }
@@ -521,11 +570,15 @@ async fn primary_or_wait(
         }),
         PrimaryState::Missing => {
             if Instant::now() >= deadline {
-                return Err(Error::NoPrimary { waited: start.elapsed() });
+                return Err(Error::NoPrimary {
+                    waited: start.elapsed(),
+                });
             }
             wait_change(shared, deadline).await;
             if Instant::now() >= deadline && shared.topology.load().primary_index().is_none() {
-                return Err(Error::NoPrimary { waited: start.elapsed() });
+                return Err(Error::NoPrimary {
+                    waited: start.elapsed(),
+                });
             }
             Ok(None)
         }
@@ -574,17 +627,27 @@ async fn ask_router(shared: &Shared, token: Token, until: Instant) -> WaitReply 
             continue;
         };
         let remaining = until.saturating_duration_since(Instant::now());
-        let req = WaitRequest { token, deadline: until };
+        let req = WaitRequest {
+            token,
+            deadline: until,
+        };
         // A little slack past the deadline: the router answers at the deadline itself.
         let r = router
-            .call(|reply| RouterMsg::Wait(req, reply), Some(remaining + Duration::from_millis(50)))
+            .call(
+                |reply| RouterMsg::Wait(req, reply),
+                Some(remaining + Duration::from_millis(50)),
+            )
             .await;
         match r {
             Ok(ractor::rpc::CallResult::Success(reply)) => return reply,
             Ok(ractor::rpc::CallResult::Timeout) => return fallback,
             _ if Instant::now() < until => {
                 // Router died mid-call; its successor may answer.
-                wait_change(shared, until.min(Instant::now() + Duration::from_millis(20))).await;
+                wait_change(
+                    shared,
+                    until.min(Instant::now() + Duration::from_millis(20)),
+                )
+                .await;
             }
             _ => return fallback,
         }
@@ -610,7 +673,12 @@ async fn checkout(
     let remaining = deadline.saturating_duration_since(Instant::now());
     let timeouts = Timeouts {
         wait: Some(remaining),
-        create: Some(shared.net.connect_timeout.min(remaining.max(Duration::from_millis(1)))),
+        create: Some(
+            shared
+                .net
+                .connect_timeout
+                .min(remaining.max(Duration::from_millis(1))),
+        ),
         recycle: Some(shared.query_timeout()),
     };
     match pool.timeout_get(&timeouts).await {

@@ -152,7 +152,8 @@ impl ReplayRate {
     /// Records a probe's replay position.
     pub(crate) fn record(&mut self, lsn: Lsn, at: Instant) {
         match self.first {
-            Some((f, f_at)) if lsn >= f && at.saturating_duration_since(f_at) < Duration::from_secs(10) => {}
+            Some((f, f_at))
+                if lsn >= f && at.saturating_duration_since(f_at) < Duration::from_secs(10) => {}
             _ => self.first = Some((lsn, at)),
         }
         self.last = Some((lsn, at));
@@ -189,7 +190,10 @@ mod tests {
         h.record(Lsn(100), t0);
         // The primary stays at 100 for a long time: no new samples.
         h.record(Lsn(100), t0 + ms(10_000));
-        assert_eq!(h.lag(Lsn(100), t0 + ms(20_000)), TimeLag::AtMost(Duration::ZERO));
+        assert_eq!(
+            h.lag(Lsn(100), t0 + ms(20_000)),
+            TimeLag::AtMost(Duration::ZERO)
+        );
     }
 
     #[test]
@@ -214,7 +218,10 @@ mod tests {
         let mut h = LagHistory::new(Duration::from_secs(60));
         h.record(Lsn(1000), t0);
         // A replica reporting ahead of the last primary sample is not "negative" lag.
-        assert_eq!(h.lag(Lsn(5000), t0 + ms(5)), TimeLag::AtMost(Duration::ZERO));
+        assert_eq!(
+            h.lag(Lsn(5000), t0 + ms(5)),
+            TimeLag::AtMost(Duration::ZERO)
+        );
         assert!(!h.lag(Lsn(10), t0 + ms(6000)).within(ms(5000)));
     }
 
@@ -227,7 +234,10 @@ mod tests {
         h.record(Lsn(200), t0 + ms(10_000));
         // Probed 20 ms after the write, still at 100: at least 20 ms of delay, not 10 s.
         assert_eq!(h.delay_lower_bound(Lsn(100), t0 + ms(10_020)), ms(20));
-        assert_eq!(h.delay_lower_bound(Lsn(200), t0 + ms(10_020)), Duration::ZERO);
+        assert_eq!(
+            h.delay_lower_bound(Lsn(200), t0 + ms(10_020)),
+            Duration::ZERO
+        );
     }
 
     #[test]

@@ -169,7 +169,9 @@ impl Lease {
         let timeline: u32 = field(2).parse().map_err(|_| bad("timeline"))?;
         let block: u64 = field(3).parse().map_err(|_| bad("wal_block_size"))?;
         let segment: u64 = field(4).parse().map_err(|_| bad("wal_segment_size"))?;
-        let system_id = field(5).parse::<i64>().map_err(|_| bad("system identifier"))? as u64;
+        let system_id = field(5)
+            .parse::<i64>()
+            .map_err(|_| bad("system identifier"))? as u64;
         let lsn = lsn.normalize_page_boundary(block, segment);
         let token = Token::new(system_id, timeline, lsn);
         if let Some(r) = self.shared.router.load().as_ref() {
@@ -275,6 +277,8 @@ async fn upper_bound(shared: &Shared, idx: usize, conn: Pooled) -> Option<Token>
         // A primary idle on a page boundary: replicas stop at the boundary (pitfall 3).
         lsn = lsn.normalize_page_boundary(block, segment);
     }
-    let timeline = view.timeline.or_else(|| topo.primary_index().and_then(|p| topo.servers[p].timeline))?;
+    let timeline = view
+        .timeline
+        .or_else(|| topo.primary_index().and_then(|p| topo.servers[p].timeline))?;
     Some(Token::new(topo.system_id?, timeline, lsn))
 }

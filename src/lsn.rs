@@ -235,7 +235,10 @@ mod tests {
         struct W {
             at: Lsn,
         }
-        let text = toml::to_string(&W { at: Lsn(0x1_0000_0010) }).expect("serialize");
+        let text = toml::to_string(&W {
+            at: Lsn(0x1_0000_0010),
+        })
+        .expect("serialize");
         assert_eq!(text.trim(), r#"at = "1/10""#);
         let back: W = toml::from_str(&text).expect("deserialize");
         assert_eq!(back.at, Lsn(0x1_0000_0010));

@@ -191,7 +191,10 @@ impl Actor for Router {
         state: &mut RouterState,
     ) -> Result<(), ActorProcessingErr> {
         let current = state.shared.router.load();
-        if current.as_ref().is_some_and(|r| r.get_id() == myself.get_id()) {
+        if current
+            .as_ref()
+            .is_some_and(|r| r.get_id() == myself.get_id())
+        {
             state.shared.router.store(None);
         }
         Ok(())
@@ -245,7 +248,11 @@ impl Actor for Router {
                 if let Some(k) = state.servers.get_mut(idx) {
                     k.probe_at = None;
                 }
-                if state.waiters.values().any(|w| state.candidate(idx, &w.token)) {
+                if state
+                    .waiters
+                    .values()
+                    .any(|w| state.candidate(idx, &w.token))
+                {
                     state.shared.slots[idx].probe_now();
                     state
                         .shared
@@ -285,12 +292,19 @@ impl RouterState {
                     self.system_id = Some(d.system_id);
                 }
                 let was = k.view.health;
-                if was != Health::Healthy && k.ever_healthy && !self.shared.config.fleet.slow_start.is_zero() {
+                if was != Health::Healthy
+                    && k.ever_healthy
+                    && !self.shared.config.fleet.slow_start.is_zero()
+                {
                     k.returned_at = Some(now);
                 }
                 k.ever_healthy = true;
                 k.view.health = Health::Healthy;
-                k.view.role = if d.in_recovery { Role::Replica } else { Role::Primary };
+                k.view.role = if d.in_recovery {
+                    Role::Replica
+                } else {
+                    Role::Primary
+                };
                 k.view.lsn = d.lsn;
                 k.view.receive_lsn = d.receive_lsn;
                 k.view.paused = d.paused;
@@ -365,7 +379,8 @@ impl RouterState {
             }
             let w = match k.returned_at {
                 Some(at) if !slow_start.is_zero() => {
-                    let f = now.saturating_duration_since(at).as_secs_f64() / slow_start.as_secs_f64();
+                    let f =
+                        now.saturating_duration_since(at).as_secs_f64() / slow_start.as_secs_f64();
                     if f >= 1.0 {
                         k.returned_at = None;
                         k.weight
@@ -383,7 +398,13 @@ impl RouterState {
         self.version += 1;
         let last = self.shared.topology.load();
         let rr_seq = if weights_changed {
-            smooth_rr_sequence(&self.servers.iter().map(|k| k.view.weight).collect::<Vec<_>>())
+            smooth_rr_sequence(
+                &self
+                    .servers
+                    .iter()
+                    .map(|k| k.view.weight)
+                    .collect::<Vec<_>>(),
+            )
         } else {
             last.rr_seq.clone()
         };
@@ -422,11 +443,20 @@ impl RouterState {
             return arrived;
         }
         // Written no later than it was first seen on the primary, or than it arrived.
-        let written = self.history.time_of(token.lsn()).map_or(arrived, |t| t.min(arrived));
+        let written = self
+            .history
+            .time_of(token.lsn())
+            .map_or(arrived, |t| t.min(arrived));
         written + k.replay_delay
     }
 
-    fn wait(&mut self, myself: &ActorRef<RouterMsg>, req: WaitRequest, reply: RpcReplyPort<WaitReply>, now: Instant) {
+    fn wait(
+        &mut self,
+        myself: &ActorRef<RouterMsg>,
+        req: WaitRequest,
+        reply: RpcReplyPort<WaitReply>,
+        now: Instant,
+    ) {
         let topo = self.shared.topology.load();
         if let Some(i) = self.pick_replica(&topo, &req.token) {
             let _ = reply.send(WaitReply::Serve(i));
@@ -455,7 +485,10 @@ impl RouterState {
             return;
         }
         self.seq += 1;
-        self.shared.counters.ryw_waited.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.shared
+            .counters
+            .ryw_waited
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.waiters.insert(
             (req.token.lsn(), self.seq),
             Waiter {
@@ -476,7 +509,11 @@ impl RouterState {
             &topo.rr_seq,
             &self.shared.rr,
             |i| topo.servers[i].role == Role::Replica && topo.can_serve(i, &need),
-            |i| self.shared.slots[i].in_flight.load(std::sync::atomic::Ordering::Relaxed),
+            |i| {
+                self.shared.slots[i]
+                    .in_flight
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            },
         )
     }
 
@@ -491,7 +528,11 @@ impl RouterState {
         match best {
             Some((behind, k)) => WaitReply::Fallback {
                 behind_bytes: Some(behind),
-                catch_up: if k.view.paused { None } else { k.rate.catch_up(behind) },
+                catch_up: if k.view.paused {
+                    None
+                } else {
+                    k.rate.catch_up(behind)
+                },
             },
             None => WaitReply::Fallback {
                 behind_bytes: None,
@@ -500,7 +541,13 @@ impl RouterState {
         }
     }
 
-    fn schedule_probe(&mut self, myself: &ActorRef<RouterMsg>, idx: usize, at: Instant, now: Instant) {
+    fn schedule_probe(
+        &mut self,
+        myself: &ActorRef<RouterMsg>,
+        idx: usize,
+        at: Instant,
+        now: Instant,
+    ) {
         let k = &mut self.servers[idx];
         if k.probe_at.is_some_and(|p| p <= at) {
             return;
@@ -510,7 +557,10 @@ impl RouterState {
         if delay.is_zero() {
             k.probe_at = None;
             self.shared.slots[idx].probe_now();
-            self.shared.counters.wait_probes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.shared
+                .counters
+                .wait_probes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         } else {
             myself.send_after(delay, move || RouterMsg::ProbeDue(idx));
         }
@@ -521,7 +571,9 @@ impl RouterState {
             return;
         }
         self.expire_at = Some(deadline);
-        myself.send_after(deadline.saturating_duration_since(now), || RouterMsg::Expire);
+        myself.send_after(deadline.saturating_duration_since(now), || {
+            RouterMsg::Expire
+        });
     }
 
     /// Answers every waiter a replica can now serve, falls back those that cannot be
@@ -535,7 +587,9 @@ impl RouterState {
         let mut next_probe: Vec<Option<Instant>> = vec![None; self.servers.len()];
         let mut next_expire: Option<Instant> = None;
         for key in keys {
-            let Some(w) = self.waiters.get(&key) else { continue };
+            let Some(w) = self.waiters.get(&key) else {
+                continue;
+            };
             let token = w.token;
             if let Some(i) = self.pick_replica(&topo, &token) {
                 if let Some(w) = self.waiters.remove(&key) {

@@ -153,8 +153,22 @@ impl Actor for Server {
         let rollback = shared.query_timeout();
         let registry = Arc::new(ConnRegistry::default());
         let pools = Arc::new(Pools {
-            read: build_pool(pg, true, slot.pool_size, shared.net, rollback, registry.clone())?,
-            write: build_pool(pg, false, slot.pool_size, shared.net, rollback, registry.clone())?,
+            read: build_pool(
+                pg,
+                true,
+                slot.pool_size,
+                shared.net,
+                rollback,
+                registry.clone(),
+            )?,
+            write: build_pool(
+                pg,
+                false,
+                slot.pool_size,
+                shared.net,
+                rollback,
+                registry.clone(),
+            )?,
             registry,
         });
         slot.pools.store(Some(pools.clone()));
@@ -195,7 +209,10 @@ impl Actor for Server {
         let slot = &state.shared.slots[state.idx];
         // Only clear what is still ours: a restarted incarnation may already be there.
         let current = slot.actor.load();
-        if current.as_ref().is_some_and(|a| a.get_id() == myself.get_id()) {
+        if current
+            .as_ref()
+            .is_some_and(|a| a.get_id() == myself.get_id())
+        {
             slot.actor.store(None);
             slot.pools.store(None);
         }
@@ -337,7 +354,9 @@ fn parse_probe(
         streaming: row.try_get(4).map_err(bad)?,
         postmaster_start_us: start,
         system_id: system_id as u64,
-        timeline: timeline.and_then(|t| u32::try_from(t).ok()).filter(|&t| t > 0),
+        timeline: timeline
+            .and_then(|t| u32::try_from(t).ok())
+            .filter(|&t| t > 0),
         wal_sizes,
     })
 }
@@ -365,7 +384,9 @@ fn on_probe_done(state: &mut ServerState, outcome: ProbeOutcome) -> Result<(), A
             if state.failures >= fleet.failure_threshold && since.elapsed() >= fleet.down_after {
                 // Down for good: stop with an error so the supervisor restarts us with
                 // fresh pools (after backoff).
-                return Err(format!("server {} down for {:?}: {e}", slot.name, since.elapsed()).into());
+                return Err(
+                    format!("server {} down for {:?}: {e}", slot.name, since.elapsed()).into(),
+                );
             }
         }
     }

@@ -30,7 +30,9 @@ pub struct Session {
 
 impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Session").field("token", &self.token()).finish()
+        f.debug_struct("Session")
+            .field("token", &self.token())
+            .finish()
     }
 }
 
@@ -104,7 +106,10 @@ impl Session {
             if self.inner.pending.load(Ordering::Acquire) == 0 {
                 break;
             }
-            if tokio::time::timeout_at(deadline.into(), notified).await.is_err() {
+            if tokio::time::timeout_at(deadline.into(), notified)
+                .await
+                .is_err()
+            {
                 self.inner.unknown.store(true, Ordering::Release);
                 break;
             }
@@ -119,7 +124,9 @@ impl Session {
                         _ => None,
                     };
                     match (self.inner.mark(), given) {
-                        (Some(m), Some(t)) if m.system_id() == t.system_id() => Intent::read_after(&m.max(t)),
+                        (Some(m), Some(t)) if m.system_id() == t.system_id() => {
+                            Intent::read_after(&m.max(t))
+                        }
                         (Some(m), _) => Intent::read_after(&m),
                         (None, _) => intent,
                     }

@@ -83,7 +83,8 @@ impl Status {
 }
 
 fn opt<T: fmt::Display>(v: &Option<T>) -> String {
-    v.as_ref().map_or_else(|| "-".to_string(), |v| v.to_string())
+    v.as_ref()
+        .map_or_else(|| "-".to_string(), |v| v.to_string())
 }
 
 fn dur(d: Option<Duration>) -> String {
@@ -99,7 +100,17 @@ impl fmt::Display for Status {
         writeln!(
             f,
             "{:<12} {:<8} {:<10} {:>14} {:>10} {:>8} {:>3} {:>9} {:>8} {:>8} {:>3}  note",
-            "server", "role", "health", "lsn", "lag", "lag_t", "w", "pool", "leases", "fallbk", "rst"
+            "server",
+            "role",
+            "health",
+            "lsn",
+            "lag",
+            "lag_t",
+            "w",
+            "pool",
+            "leases",
+            "fallbk",
+            "rst"
         )?;
         for s in &self.servers {
             let mut note = Vec::new();
@@ -139,7 +150,10 @@ impl fmt::Display for Status {
         if self.split_brain {
             writeln!(f, "SPLIT BRAIN: two servers claim primary; writes refused")?;
         } else if self.primary_down {
-            writeln!(f, "primary down: writes wait or fail; replicas serve fresh-enough reads")?;
+            writeln!(
+                f,
+                "primary down: writes wait or fail; replicas serve fresh-enough reads"
+            )?;
         }
         write!(
             f,

@@ -60,7 +60,8 @@ impl Actor for Supervisor {
         shared: Arc<Shared>,
     ) -> Result<SupervisorState, ActorProcessingErr> {
         // Router first, so the servers' first reports have somewhere to go.
-        let (router, _) = Actor::spawn_linked(None, Router, shared.clone(), myself.get_cell()).await?;
+        let (router, _) =
+            Actor::spawn_linked(None, Router, shared.clone(), myself.get_cell()).await?;
         let mut servers = Vec::with_capacity(shared.slots.len());
         for idx in 0..shared.slots.len() {
             let args = ServerArgs {
@@ -115,11 +116,15 @@ impl Actor for Supervisor {
                 }
             }
             SupervisorMsg::RestartRouter if !state.stopping => {
-                match Actor::spawn_linked(None, Router, state.shared.clone(), myself.get_cell()).await {
+                match Actor::spawn_linked(None, Router, state.shared.clone(), myself.get_cell())
+                    .await
+                {
                     Ok((r, _)) => state.router = Some(r.get_cell()),
                     Err(e) => {
                         tracing::error!(target: TARGET, error = %e, "router restart failed; retrying");
-                        myself.send_after(Duration::from_millis(100), || SupervisorMsg::RestartRouter);
+                        myself.send_after(Duration::from_millis(100), || {
+                            SupervisorMsg::RestartRouter
+                        });
                     }
                 }
             }
@@ -192,7 +197,12 @@ fn schedule_restart(myself: &ActorRef<SupervisorMsg>, state: &mut SupervisorStat
     if child.started.elapsed() >= restart.stable_after {
         child.attempts = 0;
     }
-    let delay = restart_delay(child.attempts, restart.min_backoff, restart.max_backoff, fastrand::f64());
+    let delay = restart_delay(
+        child.attempts,
+        restart.min_backoff,
+        restart.max_backoff,
+        fastrand::f64(),
+    );
     child.attempts = child.attempts.saturating_add(1);
     myself.send_after(delay, move || SupervisorMsg::RestartServer(idx));
 }

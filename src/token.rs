@@ -122,12 +122,18 @@ impl FromStr for Token {
             return Err(malformed("unknown version (expected v1.)"));
         }
         let hex = |p: Option<&str>, max_len: usize, reason: &'static str| {
-            p.filter(|p| !p.is_empty() && p.len() <= max_len && p.bytes().all(|b| b.is_ascii_hexdigit()))
-                .and_then(|p| u64::from_str_radix(p, 16).ok())
-                .ok_or(malformed(reason))
+            p.filter(|p| {
+                !p.is_empty() && p.len() <= max_len && p.bytes().all(|b| b.is_ascii_hexdigit())
+            })
+            .and_then(|p| u64::from_str_radix(p, 16).ok())
+            .ok_or(malformed(reason))
         };
         let system_id = hex(parts.next(), 16, "system id is not hexadecimal")?;
-        let timeline = hex(parts.next(), 8, "timeline is not a 32-bit hexadecimal number")?;
+        let timeline = hex(
+            parts.next(),
+            8,
+            "timeline is not a 32-bit hexadecimal number",
+        )?;
         let timeline = u32::try_from(timeline).map_err(|_| malformed("timeline out of range"))?;
         if timeline == 0 {
             return Err(malformed("timeline 0 does not exist"));

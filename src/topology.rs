@@ -197,12 +197,15 @@ impl Topology {
             // A primary in read rotation is always fresh, but a token from another
             // timeline must still be checked against the timeline.
             Role::Primary => match need {
-                ReadNeed::After(t) => self.primary == PrimaryState::Known(i) && s.timeline == Some(t.timeline()),
+                ReadNeed::After(t) => {
+                    self.primary == PrimaryState::Known(i) && s.timeline == Some(t.timeline())
+                }
                 _ => self.primary == PrimaryState::Known(i),
             },
             Role::Replica => match need {
                 ReadNeed::Eventual => {
-                    s.lag_bytes.is_some_and(|b| b <= self.max_lag_bytes) && s.lag.within(self.max_lag)
+                    s.lag_bytes.is_some_and(|b| b <= self.max_lag_bytes)
+                        && s.lag.within(self.max_lag)
                 }
                 ReadNeed::MaxStaleness(d) => s.fresh && s.lsn.is_some() && s.lag.within(*d),
                 ReadNeed::After(t) => {
@@ -222,7 +225,6 @@ impl Topology {
             _ => None,
         }
     }
-
 }
 
 /// Picks one server among those `eligible` says yes to, by `strategy`.
@@ -364,7 +366,10 @@ mod tests {
 
     #[test]
     fn round_robin_follows_weights_exactly() {
-        assert_eq!(share(Strategy::RoundRobin, &[0, 1, 3], 4000), vec![0, 1000, 3000]);
+        assert_eq!(
+            share(Strategy::RoundRobin, &[0, 1, 3], 4000),
+            vec![0, 1000, 3000]
+        );
         let seq = smooth_rr_sequence(&[5, 1, 1]);
         assert_eq!(seq, vec![0, 0, 1, 0, 2, 0, 0], "smooth, not bursty");
     }
@@ -383,7 +388,14 @@ mod tests {
     fn least_outstanding_prefers_least_loaded_per_weight() {
         let rr = AtomicUsize::new(0);
         let loads = [10u64, 3, 5];
-        let pick = select(Strategy::LeastOutstanding, &[1, 1, 2], &[], &rr, |_| true, |i| loads[i]);
+        let pick = select(
+            Strategy::LeastOutstanding,
+            &[1, 1, 2],
+            &[],
+            &rr,
+            |_| true,
+            |i| loads[i],
+        );
         // 10/1, 3/1, 5/2 = 2.5: the weighted one wins.
         assert_eq!(pick, Some(2));
     }
@@ -391,7 +403,11 @@ mod tests {
     #[test]
     fn no_eligible_server_is_none() {
         let rr = AtomicUsize::new(0);
-        for s in [Strategy::RoundRobin, Strategy::Random, Strategy::LeastOutstanding] {
+        for s in [
+            Strategy::RoundRobin,
+            Strategy::Random,
+            Strategy::LeastOutstanding,
+        ] {
             assert_eq!(select(s, &[1, 1], &[0, 1], &rr, |_| false, |_| 0), None);
             assert_eq!(select(s, &[0, 0], &[], &rr, |_| true, |_| 0), None);
         }
@@ -402,7 +418,14 @@ mod tests {
         let rr = AtomicUsize::new(0);
         let seq = smooth_rr_sequence(&[1, 1, 1]);
         for _ in 0..10 {
-            let p = select(Strategy::RoundRobin, &[1, 1, 1], &seq, &rr, |i| i != 1, |_| 0);
+            let p = select(
+                Strategy::RoundRobin,
+                &[1, 1, 1],
+                &seq,
+                &rr,
+                |i| i != 1,
+                |_| 0,
+            );
             assert!(matches!(p, Some(0) | Some(2)));
         }
     }

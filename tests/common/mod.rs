@@ -13,7 +13,8 @@ pub const FAST: &str = "[fleet]\nprobe_interval = \"50ms\"\nprobe_timeout = \"50
 
 /// A config for `cluster` with `tables` (TOML) placed first, then `tweak` applied.
 pub fn config(cluster: &LocalCluster, tables: &str, tweak: impl FnOnce(&mut Config)) -> Config {
-    let mut c = Config::from_toml_str(&cluster.pgfleet_toml_with(tables)).expect("testkit config parses");
+    let mut c =
+        Config::from_toml_str(&cluster.pgfleet_toml_with(tables)).expect("testkit config parses");
     tweak(&mut c);
     c.validate().expect("tweaked config is valid");
     c
@@ -22,7 +23,11 @@ pub fn config(cluster: &LocalCluster, tables: &str, tweak: impl FnOnce(&mut Conf
 /// Starts a fleet and waits until every server was probed and a primary is known.
 pub async fn start(config: Config) -> Fleet {
     let fleet = Fleet::start(config).await.expect("fleet starts");
-    assert!(fleet.wait_ready(Duration::from_secs(20)).await, "fleet ready:\n{}", fleet.status());
+    assert!(
+        fleet.wait_ready(Duration::from_secs(20)).await,
+        "fleet ready:\n{}",
+        fleet.status()
+    );
     fleet
 }
 
@@ -42,7 +47,10 @@ where
         if cond().await {
             return start.elapsed();
         }
-        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -50,14 +58,19 @@ where
 /// Installs a tracing subscriber once (RUST_LOG controls it; quiet by default).
 pub fn trace() {
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
         .with_test_writer()
         .try_init();
 }
 
 /// A table name unique to this test (tests share clusters).
 pub fn table(prefix: &str) -> String {
-    format!("{prefix}_{}", std::process::id() as u64 * 1000 + fastrand_u16() as u64)
+    format!(
+        "{prefix}_{}",
+        std::process::id() as u64 * 1000 + fastrand_u16() as u64
+    )
 }
 
 fn fastrand_u16() -> u16 {
