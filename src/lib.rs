@@ -132,3 +132,8 @@ pub use ractor;
 pub mod __bench {
     pub use crate::topology::select;
 }
+
+/// The README's examples, compiled as doctests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -1,0 +1,81 @@
+//! Passwords never reach Debug, Display, status or errors, even when a server rejects them.
+
+mod common;
+
+use std::time::Duration;
+
+use pgfleet::{Fleet, Intent};
+use pgfleet_testkit::LocalCluster;
+
+const WRONG: &str = "hunter2-wrong-secret";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_password_is_reported_without_the_password() -> anyhow::Result<()> {
+    common::trace();
+    let cluster = LocalCluster::shared().await?;
+    let good = cluster.replica(0).url();
+    let bad = replace_password(&good, WRONG);
+    let config = common::config(cluster, common::FAST, |c| {
+        c.replicas[0].url = bad.parse().expect("url parses");
+    });
+    assert!(!format!("{config:?}").contains(WRONG), "config Debug leaks");
+    let fleet = Fleet::start(config).await?;
+    // The bad replica is probed, fails authentication, and is reported with a reason.
+    common::wait_for(
+        "replica1 to report its error",
+        Duration::from_secs(10),
+        || {
+            let s = fleet.status();
+            async move {
+                s.server("replica1")
+                    .and_then(|r| r.last_error.clone())
+                    .is_some_and(|e| e.contains("password authentication failed"))
+            }
+        },
+    )
+    .await;
+    let status = fleet.status();
+    let table = status.to_string();
+    assert!(!table.contains(WRONG), "status table leaks: {table}");
+    assert!(!format!("{status:?}").contains(WRONG), "status Debug leaks");
+    assert!(!format!("{fleet:?}").contains(WRONG), "fleet Debug leaks");
+    // The rest of the fleet serves: eventual reads go to replica2 (or fall back).
+    for _ in 0..20 {
+        let r = fleet.lease(Intent::read()).await?;
+        assert_ne!(r.server(), "replica1");
+        r.simple_query("SELECT 1").await?;
+    }
+    fleet.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_primary_errors_without_the_password() -> anyhow::Result<()> {
+    let cluster = LocalCluster::shared().await?;
+    let bad = replace_password(&cluster.primary().url(), WRONG);
+    let config = common::config(
+        cluster,
+        "[fleet]\nprobe_interval = \"50ms\"\nlease_timeout = \"300ms\"",
+        |c| {
+            c.primary.url = bad.parse().expect("url parses");
+            c.replicas.clear();
+        },
+    );
+    let fleet = Fleet::start(config).await?;
+    let err = fleet
+        .lease(Intent::Write)
+        .await
+        .expect_err("no primary can be reached");
+    assert!(matches!(err, pgfleet::Error::NoPrimary { .. }), "{err:?}");
+    assert!(!err.to_string().contains(WRONG) && !format!("{err:?}").contains(WRONG));
+    fleet.shutdown().await;
+    Ok(())
+}
+
+fn replace_password(url: &str, password: &str) -> String {
+    // postgres://user:pw@host:port/db
+    let (scheme, rest) = url.split_once("://").expect("scheme");
+    let (userinfo, host) = rest.split_once('@').expect("userinfo");
+    let user = userinfo.split(':').next().expect("user");
+    format!("{scheme}://{user}:{password}@{host}")
+}
