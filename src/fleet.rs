@@ -671,17 +671,32 @@ async fn checkout(
     };
     let pool = if write { &pools.write } else { &pools.read };
     let remaining = deadline.saturating_duration_since(Instant::now());
-    let timeouts = Timeouts {
-        wait: Some(remaining),
-        create: Some(
-            shared
-                .net
-                .connect_timeout
-                .min(remaining.max(Duration::from_millis(1))),
-        ),
-        recycle: Some(shared.query_timeout()),
+    // Fast path without timers: take a free permit or fail at once. Recycling needs no
+    // timer (it is instant for a clean connection and bounds its own rollback), and a
+    // create is bounded by the connect timeout and the lease deadline.
+    let create = Some(
+        shared
+            .net
+            .connect_timeout
+            .min(remaining.max(Duration::from_millis(1))),
+    );
+    let fast = Timeouts {
+        wait: Some(Duration::ZERO),
+        create,
+        recycle: None,
     };
-    match pool.timeout_get(&timeouts).await {
+    let got = match pool.timeout_get(&fast).await {
+        Err(PoolError::Timeout(TimeoutType::Wait)) if !remaining.is_zero() => {
+            let slow = Timeouts {
+                wait: Some(remaining),
+                create,
+                recycle: None,
+            };
+            pool.timeout_get(&slow).await
+        }
+        other => other,
+    };
+    match got {
         Ok(c) => Ok(c),
         Err(PoolError::Timeout(TimeoutType::Wait)) => Err(CheckoutError::Timeout(remaining)),
         Err(PoolError::Timeout(t)) => Err(CheckoutError::Failed(format!("{t:?} timed out"))),

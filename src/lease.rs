@@ -111,7 +111,9 @@ impl Lease {
         self.ignored_token.as_ref()
     }
 
-    /// How long the lease took to grant (routing, waiting for a replica, pool checkout).
+    /// How long the lease took to grant: routing, waiting for a replica to catch up, and
+    /// the pool checkout — which includes opening a connection when the pool has no idle
+    /// one (tens of milliseconds with SCRAM authentication).
     pub fn waited(&self) -> Duration {
         self.waited
     }

@@ -301,10 +301,22 @@ async fn run_probe(
 ) -> (Option<ProbeConn>, Result<ProbeData, String>) {
     let pc = match conn {
         Some(c) if !c.conn.client.is_closed() => c,
-        _ => match open_probe_conn(shared, idx).await {
-            Ok(c) => c,
-            Err(e) => return (None, Err(e)),
-        },
+        // The reconnect is part of the probe: bounded by probe_timeout too, so a hung
+        // server fails `failure_threshold` probes in about failure_threshold ×
+        // probe_timeout (and its connections are failed then).
+        _ => {
+            let timeout = shared.config.fleet.probe_timeout;
+            match tokio::time::timeout(timeout, open_probe_conn(shared, idx)).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => return (None, Err(e)),
+                Err(_) => {
+                    return (
+                        None,
+                        Err(format!("probe connect timed out after {timeout:?}")),
+                    )
+                }
+            }
+        }
     };
     let query = pc.conn.client.query_one(&pc.stmt, &[]);
     match tokio::time::timeout(shared.config.fleet.probe_timeout, query).await {
