@@ -258,7 +258,12 @@ impl Fleet {
             ryw_on_replica: c.ryw_on_replica.load(Ordering::Relaxed),
             ryw_on_primary: c.ryw_on_primary.load(Ordering::Relaxed),
             ryw_waited: c.ryw_waited.load(Ordering::Relaxed),
-            wait_probes: c.wait_probes.load(Ordering::Relaxed),
+            wait_probes: self
+                .shared
+                .slots
+                .iter()
+                .map(|s| s.demand_probes.load(Ordering::Relaxed))
+                .sum(),
         }
     }
 

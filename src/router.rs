@@ -103,6 +103,10 @@ struct Known {
     ever_healthy: bool,
     /// A scheduled `ProbeDue` for this server.
     probe_at: Option<Instant>,
+    /// When the router last asked this server for a probe.
+    last_request: Option<Instant>,
+    /// When the probe behind the last report started.
+    last_report_started: Option<Instant>,
     /// The configured read weight.
     weight: u32,
     /// Lower bound of its replay delay at its last report: how long after the primary
@@ -161,6 +165,8 @@ impl Actor for Router {
                     rate: ReplayRate::default(),
                     returned_at: None,
                     probe_at: None,
+                    last_request: None,
+                    last_report_started: None,
                     weight: slot.weight,
                     replay_delay: Duration::ZERO,
                 }
@@ -248,18 +254,7 @@ impl Actor for Router {
                 if let Some(k) = state.servers.get_mut(idx) {
                     k.probe_at = None;
                 }
-                if state
-                    .waiters
-                    .values()
-                    .any(|w| state.candidate(idx, &w.token))
-                {
-                    state.shared.slots[idx].probe_now();
-                    state
-                        .shared
-                        .counters
-                        .wait_probes
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
+                state.service_waiters(&myself, now);
             }
         }
         Ok(())
@@ -275,6 +270,7 @@ impl RouterState {
             return; // from an incarnation already replaced
         }
         k.restarts = r.restarts;
+        k.last_report_started = Some(r.started);
         let fresh = k.void_at.is_none_or(|v| r.started >= v);
         match r.result {
             Ok(d) => {
@@ -468,19 +464,8 @@ impl RouterState {
             return;
         }
         let deadline = req.deadline;
-        let mut any = false;
-        for idx in 0..self.servers.len() {
-            if !self.candidate(idx, &req.token) {
-                continue;
-            }
-            let at = self.expected_at(idx, &req.token, now);
-            if at > deadline {
-                continue;
-            }
-            any = true;
-            self.schedule_probe(myself, idx, at.max(now), now);
-        }
-        if !any {
+        if self.best_candidate(&req.token, now, deadline).is_none() {
+            // No replica can catch up in time (paused, too far behind): at once.
             let _ = reply.send(self.fallback_reply(&req.token));
             return;
         }
@@ -499,6 +484,50 @@ impl RouterState {
             },
         );
         self.schedule_expire(myself, deadline, now);
+        self.service_waiters(myself, now);
+    }
+
+    /// The replica expected to replay `token` first, and when, if within `deadline`.
+    fn best_candidate(
+        &self,
+        token: &Token,
+        arrived: Instant,
+        deadline: Instant,
+    ) -> Option<(usize, Instant)> {
+        (0..self.servers.len())
+            .filter(|&i| self.candidate(i, token))
+            .map(|i| (i, self.expected_at(i, token, arrived)))
+            .filter(|&(_, at)| at <= deadline)
+            .min_by_key(|&(_, at)| at)
+    }
+
+    /// When replica `idx` should next be probed for a waiter that arrived at `arrived`
+    /// and is expected to be replayed there at `expected`; `None` when a probe already
+    /// requested after the waiter arrived is still under way (it will answer for it).
+    fn probe_time(
+        &self,
+        idx: usize,
+        arrived: Instant,
+        expected: Instant,
+        now: Instant,
+    ) -> Option<Instant> {
+        let k = &self.servers[idx];
+        if let Some(req) = k.last_request {
+            if req >= arrived && k.last_report_started.is_none_or(|s| s < req) {
+                return None;
+            }
+        }
+        let mut at = expected.max(now);
+        if let Some(s) = k.last_report_started.filter(|&s| s >= arrived) {
+            // A probe started after the waiter arrived came back without its token:
+            // the estimate was short. Check again after a fraction of the replay delay.
+            let step = k
+                .replay_delay
+                .div_f64(4.0)
+                .clamp(Duration::from_millis(1), Duration::from_millis(10));
+            at = at.max(s + step);
+        }
+        Some(at)
     }
 
     fn pick_replica(&self, topo: &Topology, token: &Token) -> Option<usize> {
@@ -549,21 +578,16 @@ impl RouterState {
         now: Instant,
     ) {
         let k = &mut self.servers[idx];
+        if at <= now {
+            k.last_request = Some(now);
+            self.shared.slots[idx].probe_now();
+            return;
+        }
         if k.probe_at.is_some_and(|p| p <= at) {
             return;
         }
         k.probe_at = Some(at);
-        let delay = at.saturating_duration_since(now);
-        if delay.is_zero() {
-            k.probe_at = None;
-            self.shared.slots[idx].probe_now();
-            self.shared
-                .counters
-                .wait_probes
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        } else {
-            myself.send_after(delay, move || RouterMsg::ProbeDue(idx));
-        }
+        myself.send_after(at - now, move || RouterMsg::ProbeDue(idx));
     }
 
     fn schedule_expire(&mut self, myself: &ActorRef<RouterMsg>, deadline: Instant, now: Instant) {
@@ -598,32 +622,19 @@ impl RouterState {
                 continue;
             }
             let (arrived, deadline) = (w.arrived, w.deadline);
-            let mut any = false;
-            for (idx, slot) in next_probe.iter_mut().enumerate() {
-                if !self.candidate(idx, &token) {
-                    continue;
-                }
-                let expected = self.expected_at(idx, &token, arrived);
-                if expected > deadline {
-                    continue;
-                }
-                any = true;
-                // Expected already: check again shortly, spaced by a fraction of its lag.
-                let step = self.servers[idx]
-                    .replay_delay
-                    .div_f64(4.0)
-                    .clamp(Duration::from_millis(1), Duration::from_millis(10));
-                let at = expected.max(now + step);
-                if slot.is_none_or(|s| at < s) {
-                    *slot = Some(at);
-                }
-            }
-            if !any || deadline <= now {
+            let best = self.best_candidate(&token, arrived, deadline);
+            let Some((idx, expected)) = best.filter(|_| deadline > now) else {
                 let reply = self.fallback_reply(&token);
                 if let Some(w) = self.waiters.remove(&key) {
                     let _ = w.reply.send(reply);
                 }
                 continue;
+            };
+            if let Some(at) = self.probe_time(idx, arrived, expected, now) {
+                let slot = &mut next_probe[idx];
+                if slot.is_none_or(|s| at < s) {
+                    *slot = Some(at);
+                }
             }
             if next_expire.is_none_or(|e| deadline < e) {
                 next_expire = Some(deadline);

@@ -236,6 +236,7 @@ impl Actor for Server {
                 if state.in_flight {
                     state.rerun = true;
                 } else {
+                    count_demand_probe(state);
                     start_probe(&myself, state);
                 }
             }
@@ -243,6 +244,7 @@ impl Actor for Server {
                 state.in_flight = false;
                 on_probe_done(state, *outcome)?;
                 if std::mem::take(&mut state.rerun) {
+                    count_demand_probe(state);
                     start_probe(&myself, state);
                 }
             }
@@ -250,6 +252,13 @@ impl Actor for Server {
         }
         Ok(())
     }
+}
+
+/// Counts a probe run on request (not on the timer): the cost of read-your-writes waits.
+fn count_demand_probe(state: &ServerState) {
+    state.shared.slots[state.idx]
+        .demand_probes
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 }
 
 fn start_probe(myself: &ActorRef<ServerMsg>, state: &mut ServerState) {

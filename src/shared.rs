@@ -56,6 +56,8 @@ pub(crate) struct ServerSlot {
     pub(crate) leases: AtomicU64,
     /// Of those, fallbacks (reads that wanted a replica).
     pub(crate) fallbacks: AtomicU64,
+    /// Probes run on request (`ProbeNow`), beyond the timer's.
+    pub(crate) demand_probes: AtomicU64,
     /// Times the supervisor restarted its actor.
     pub(crate) restarts: AtomicU32,
     /// Whether the actor is down and waiting for its restart.
@@ -76,6 +78,7 @@ impl ServerSlot {
             in_flight: AtomicU64::new(0),
             leases: AtomicU64::new(0),
             fallbacks: AtomicU64::new(0),
+            demand_probes: AtomicU64::new(0),
             restarts: AtomicU32::new(0),
             restarting: AtomicBool::new(false),
             last_error: Mutex::new(None),
@@ -111,8 +114,6 @@ pub(crate) struct Counters {
     pub(crate) ryw_waited: AtomicU64,
     /// Read-after-token leases refused (error fallback, too many waiters).
     pub(crate) ryw_refused: AtomicU64,
-    /// Probes sent because a read was waiting.
-    pub(crate) wait_probes: AtomicU64,
 }
 
 /// Everything the handles, leases and actors share.

@@ -71,7 +71,8 @@ pub struct Status {
     pub ryw_on_primary: u64,
     /// Read-after-token leases that waited at the router.
     pub ryw_waited: u64,
-    /// Probes triggered for waiting reads.
+    /// Probe queries run on request for waiting read-your-writes reads (beyond the
+    /// regular `probe_interval` probes), summed over servers.
     pub wait_probes: u64,
 }
 
