@@ -13,9 +13,16 @@ async fn printed_config_is_accepted_and_works() -> anyhow::Result<()> {
     assert_eq!(config.replicas.len(), 2);
     let fleet = common::start(config).await;
     let status = fleet.status();
-    assert_eq!(status.server("primary").map(|s| s.role), Some(Role::Primary));
+    assert_eq!(
+        status.server("primary").map(|s| s.role),
+        Some(Role::Primary)
+    );
     for r in ["replica1", "replica2"] {
-        assert_eq!(status.server(r).map(|s| s.role), Some(Role::Replica), "{status}");
+        assert_eq!(
+            status.server(r).map(|s| s.role),
+            Some(Role::Replica),
+            "{status}"
+        );
     }
     fleet.shutdown().await;
     Ok(())
