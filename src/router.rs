@@ -23,6 +23,18 @@ const TARGET: &str = "pgfleet::router";
 ///
 /// Applications send [`RouterMsg::Lease`] (with `ractor::call!`) to get exactly the
 /// decision `Fleet::lease` makes; the other variants are the fleet's own.
+///
+/// ```no_run
+/// # async fn f(fleet: pgfleet::Fleet) -> Result<(), Box<dyn std::error::Error>> {
+/// use pgfleet::{ractor::call, Intent, RouterMsg};
+/// let router = fleet.router()?;                       // the current router
+/// let lease = call!(router, RouterMsg::Lease, Intent::read())??;
+/// # drop(lease); Ok(()) }
+/// ```
+///
+/// The router is restarted by the supervisor if it fails; a reference to the old one
+/// then fails its calls (never hangs), and `fleet.router()` returns the new one. A lease
+/// waiting at the old router for a replica to catch up is retried at the new one.
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum RouterMsg {
