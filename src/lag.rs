@@ -17,8 +17,9 @@ const MAX_SAMPLES: usize = 4096;
 /// replica at or past the newest sample is 0 behind.
 #[derive(Debug, Clone)]
 pub(crate) struct LagHistory {
-    /// Samples in increasing LSN and time order.
-    samples: VecDeque<(Lsn, Instant)>,
+    /// Samples in increasing LSN and time order: (position, first seen, last seen).
+    /// The primary was at exactly that position from `first` to at least `last`.
+    samples: VecDeque<(Lsn, Instant, Instant)>,
     /// How far back samples are kept.
     window: Duration,
 }
@@ -63,22 +64,31 @@ impl LagHistory {
         self.samples.back().map(|s| s.0)
     }
 
-    /// Records that the primary was at `lsn` at `at`. Positions that do not move forward
-    /// add nothing: the first time a position was seen is the one that matters.
+    /// Records that the primary was at `lsn` at `at`. A new position starts a sample; the
+    /// same position again moves that sample's "last seen" time (what bounds the lag of a
+    /// replica there), while its "first seen" time (when a write there happened at the
+    /// latest) stays.
     pub(crate) fn record(&mut self, lsn: Lsn, at: Instant) {
-        if let Some(&(last, last_at)) = self.samples.back() {
-            if lsn <= last {
+        if let Some(back) = self.samples.back_mut() {
+            let (last, _, last_seen) = *back;
+            if lsn < last {
                 return;
             }
-            if at < last_at {
+            if lsn == last {
+                // Still there: a replica at this position is fresh as of now, however
+                // long the primary has been idle (pitfall 4).
+                back.2 = last_seen.max(at);
+                return;
+            }
+            if at < last_seen {
                 // A sample taken earlier but delivered later: its time is still a valid
                 // upper bound for the write, but keep order by clamping.
-                self.samples.push_back((lsn, last_at));
-                self.trim(last_at);
+                self.samples.push_back((lsn, last_seen, last_seen));
+                self.trim(last_seen);
                 return;
             }
         }
-        self.samples.push_back((lsn, at));
+        self.samples.push_back((lsn, at, at));
         self.trim(at);
     }
 
@@ -86,7 +96,7 @@ impl LagHistory {
         // Keep at least one sample older than the window so lags up to the window stay
         // bounded above rather than "at least".
         while self.samples.len() > 2 {
-            let second = self.samples[1].1;
+            let second = self.samples[1].2;
             if now.saturating_duration_since(second) > self.window {
                 self.samples.pop_front();
             } else {
@@ -108,7 +118,7 @@ impl LagHistory {
 
     /// Time lag of a replica that has replayed `replay`, as of `now`.
     pub(crate) fn lag(&self, replay: Lsn, now: Instant) -> TimeLag {
-        let Some(&(newest, _)) = self.samples.back() else {
+        let Some(&(newest, _, _)) = self.samples.back() else {
             return TimeLag::Unknown;
         };
         if replay >= newest {
@@ -120,7 +130,9 @@ impl LagHistory {
             let oldest = self.samples[0].1;
             return TimeLag::AtLeast(now.saturating_duration_since(oldest));
         }
-        TimeLag::AtMost(now.saturating_duration_since(self.samples[idx - 1].1))
+        // The primary was last seen at a position the replica has replayed at `.2`:
+        // everything it lacks was written after that.
+        TimeLag::AtMost(now.saturating_duration_since(self.samples[idx - 1].2))
     }
 
     /// A lower bound of how long a replica that had replayed `replay` at `at` takes to
@@ -194,6 +206,21 @@ mod tests {
             h.lag(Lsn(100), t0 + ms(20_000)),
             TimeLag::AtMost(Duration::ZERO)
         );
+    }
+
+    #[test]
+    fn first_write_after_idle_is_not_lag() {
+        let t0 = Instant::now();
+        let mut h = LagHistory::new(Duration::from_secs(60));
+        h.record(Lsn(100), t0);
+        // Probes keep seeing 100 for 10 s, then a write moves the primary to 200.
+        h.record(Lsn(100), t0 + ms(10_000));
+        h.record(Lsn(200), t0 + ms(10_050));
+        // A replica still at 100 is ~100 ms behind, not 10 s.
+        assert_eq!(h.lag(Lsn(100), t0 + ms(10_100)), TimeLag::AtMost(ms(100)));
+        // The write's time is still when 200 was first seen.
+        assert_eq!(h.time_of(Lsn(150)), Some(t0 + ms(10_050)));
+        assert_eq!(h.delay_lower_bound(Lsn(100), t0 + ms(10_060)), ms(10));
     }
 
     #[test]
