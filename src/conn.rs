@@ -476,7 +476,9 @@ impl managed::Manager for ConnManager {
     type Error = ConnectError;
 
     async fn create(&self) -> Result<PgConn, ConnectError> {
-        connect(&self.pg, &self.net, Some(&self.registry)).await
+        // Boxed: the connect future is kilobytes, and inline it would make every
+        // checkout future (and every move of it) that large; connects are rare.
+        Box::pin(connect(&self.pg, &self.net, Some(&self.registry))).await
     }
 
     async fn recycle(&self, conn: &mut PgConn, _: &Metrics) -> RecycleResult<ConnectError> {
@@ -489,7 +491,8 @@ impl managed::Manager for ConnManager {
         // Released inside BEGIN (or a failed block): never hand that to the next lease.
         let status = conn.state.tx_status.load(Ordering::Acquire);
         if status == TX_IN_BLOCK || status == TX_FAILED {
-            let rollback = conn.client.batch_execute("ROLLBACK");
+            // Boxed for the same reason as `create`: rare, and large inline.
+            let rollback = Box::pin(conn.client.batch_execute("ROLLBACK"));
             match tokio::time::timeout(self.rollback_timeout, rollback).await {
                 Ok(Ok(())) if conn.state.is_idle() => return Ok(()),
                 _ => {
@@ -537,6 +540,99 @@ pub(crate) fn build_pool(
     .recycle_timeout(Some(rollback_timeout))
     .build()
     .map_err(|e| e.to_string())
+}
+
+/// What [`connect_with_messages`] forwards: a notification, or, as the last item, why
+/// the connection ended.
+pub(crate) type ConnMessage = Result<tokio_postgres::Notification, String>;
+
+/// Like [`connect`] (the same socket options, sniffer, registry and one
+/// `connect_timeout` over the whole connect), but the connection task forwards the
+/// server's asynchronous notifications (LISTEN/NOTIFY) to the returned channel instead
+/// of dropping them; [`connect`]'s task drives the connection as a plain future, which
+/// discards them. Used by the listener actor.
+///
+/// The channel holds at most `buffer` messages: a reader that falls behind holds back
+/// the connection task (and so the socket), never memory, so its reader must not block.
+/// If the connection fails, its last item is `Err` with the reason; it then closes. It
+/// closes without an error item when the client was dropped and the connection ended
+/// cleanly. Once the receiver is dropped, later notifications are discarded and the
+/// connection keeps serving its client.
+pub(crate) async fn connect_with_messages(
+    pg: &tokio_postgres::Config,
+    net: &NetOptions,
+    registry: Option<&ConnRegistry>,
+    buffer: usize,
+) -> Result<(PgConn, tokio::sync::mpsc::Receiver<ConnMessage>), ConnectError> {
+    let fut = async {
+        let host = pg
+            .get_hosts()
+            .first()
+            .ok_or_else(|| ConnectError("no host in URL".into()))?;
+        let port = pg.get_ports().first().copied().unwrap_or(5432);
+        let socket = open_socket(host, port, net)
+            .await
+            .map_err(|e| ConnectError(format!("socket: {e}")))?;
+        let state = Arc::new(ConnState::new());
+        if let Some(r) = registry {
+            r.add(&state);
+        }
+        let stream = SniffStream::new(socket, state.clone());
+        let (client, mut connection) = pg
+            .connect_raw(stream, NoTls)
+            .await
+            .map_err(|e| ConnectError(format!("startup: {}", describe(&e))))?;
+        let (tx, rx) = tokio::sync::mpsc::channel(buffer.max(1));
+        tokio::spawn(async move {
+            let mut tx = Some(tx);
+            loop {
+                // `poll_message` instead of awaiting the connection: only it hands out
+                // the asynchronous messages (notifications, notices).
+                match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                    Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
+                        if let Some(t) = &tx {
+                            if t.send(Ok(n)).await.is_err() {
+                                tx = None;
+                            }
+                        }
+                    }
+                    // Notices and anything newer: nothing to forward.
+                    Some(Ok(_)) => {}
+                    // Terminal: poll_message must not be called again.
+                    Some(Err(e)) => {
+                        if let Some(t) = tx {
+                            let _ = t.send(Err(describe(&e))).await;
+                        }
+                        return;
+                    }
+                    None => return,
+                }
+            }
+        });
+        let row = client
+            .query_one(
+                "SELECT (extract(epoch FROM pg_postmaster_start_time()) * 1000000)::int8",
+                &[],
+            )
+            .await
+            .map_err(|e| ConnectError(format!("first query: {}", describe(&e))))?;
+        let postmaster_start_us: i64 = row.get(0);
+        Ok((
+            PgConn {
+                client,
+                state,
+                postmaster_start_us,
+            },
+            rx,
+        ))
+    };
+    match tokio::time::timeout(net.connect_timeout, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(ConnectError(format!(
+            "connect timed out after {:?}",
+            net.connect_timeout
+        ))),
+    }
 }
 
 #[cfg(test)]

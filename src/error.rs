@@ -128,6 +128,14 @@ pub enum Error {
         #[source]
         source: tokio_postgres::Error,
     },
+    /// A LISTEN channel name PostgreSQL cannot hold as given (see [`Fleet::listen`](crate::Fleet::listen)).
+    #[error("invalid LISTEN channel {channel:?}: {reason}")]
+    InvalidChannel {
+        /// The name as given.
+        channel: String,
+        /// What is wrong with it (empty, longer than 63 bytes, contains a NUL byte).
+        reason: &'static str,
+    },
     /// The actor system failed in a way that should not happen (a bug); the message says where.
     #[error("internal error: {0}")]
     Internal(String),

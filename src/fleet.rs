@@ -107,6 +107,7 @@ impl Fleet {
             topology: ArcSwap::from_pointee(topology),
             changed: Notify::new(),
             router: ArcSwapOption::empty(),
+            listen: Arc::default(),
             rr: AtomicUsize::new(0),
             shutting_down: AtomicBool::new(false),
             drained: Notify::new(),
@@ -153,8 +154,12 @@ impl Fleet {
     /// `lease_timeout`; [`Error::SplitBrain`]; [`Error::Timeout`] when the pool has no
     /// connection in time; [`Error::NoFreshReplica`] with `fallback = "error"`;
     /// [`Error::TooManyWaiters`]; [`Error::ShuttingDown`].
-    pub async fn lease(&self, intent: Intent) -> Result<Lease, Error> {
-        lease_on(&self.shared, intent, None).await
+    pub fn lease(
+        &self,
+        intent: Intent,
+    ) -> impl std::future::Future<Output = Result<Lease, Error>> + Send + '_ {
+        // Not an `async fn`: one less layer of future to build and move per lease.
+        lease_on(&self.shared, intent, None)
     }
 
     /// A new session (read-your-writes and monotonic reads across its leases).
@@ -331,6 +336,43 @@ impl Fleet {
             None => false,
         }
     }
+
+    /// Subscribes to the notifications (`NOTIFY` / `pg_notify`) sent on `channel`.
+    ///
+    /// One listener actor holds one connection to the primary (`application_name =
+    /// 'pgfleet-listener'`) and LISTENs there once per channel, however many
+    /// subscriptions it has. Returns once LISTEN is in effect, so every notification
+    /// committed after this returns is delivered. The name is matched exactly (quoted,
+    /// case kept), as `pg_notify('Orders', ...)` does; an unquoted `NOTIFY Orders` folds
+    /// it to `orders`.
+    ///
+    /// When the connection is lost (server restart, failover, terminated backend), the
+    /// listener reconnects with backoff (`fleet.restart`), LISTENs again to every channel
+    /// and then sends [`ListenEvent::Reconnected`](crate::ListenEvent::Reconnected) to every
+    /// subscription: notifications sent in between were missed. See
+    /// [`Subscription`](crate::Subscription) for slow subscribers.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidChannel`] for an empty name, one longer than 63 bytes or one with a
+    /// NUL byte; [`Error::NoPrimary`] or [`Error::Timeout`] when LISTEN is not in effect
+    /// within `lease_timeout`; [`Error::ShuttingDown`].
+    pub async fn listen(&self, channel: &str) -> Result<crate::listener::Subscription, Error> {
+        crate::listener::subscribe(&self.shared, channel).await
+    }
+
+    /// Test hook: the channels the listener's session LISTENs to, read from the server
+    /// (`pg_listening_channels()`), sorted; `None` while it is not connected.
+    #[doc(hidden)]
+    pub async fn debug_listening_channels(&self) -> Option<Vec<String>> {
+        crate::listener::server_channels(&self.shared).await
+    }
+
+    /// Test hook: make the listener fail as if it crashed.
+    #[doc(hidden)]
+    pub fn debug_fail_listener(&self) -> bool {
+        crate::listener::fail(&self.shared)
+    }
 }
 
 /// Whether a token is ours and plausible against the topology.
@@ -378,9 +420,61 @@ pub(crate) async fn lease_on(
         return Err(Error::ShuttingDown);
     }
     let start = Instant::now();
+    let (need, ignored_token) = resolve_need(shared, intent)?;
+    // The common case, decided from the snapshot with one timer-free checkout. Its future
+    // stays small; everything that may wait lives in `lease_slow`, boxed, off this path.
+    let mut excluded: Vec<bool> = Vec::new();
+    if let Some((idx, write_pool, role, expected_start)) = decide_now(shared, &need) {
+        let create = shared
+            .net
+            .connect_timeout
+            .min(shared.config.fleet.lease_timeout);
+        match try_checkout(shared, idx, write_pool, Duration::ZERO, create).await {
+            Ok(conn)
+                if role != Role::Replica
+                    || expected_start.is_none_or(|s| s == conn.postmaster_start_us) =>
+            {
+                return Ok(grant(
+                    shared,
+                    idx,
+                    role,
+                    false,
+                    need,
+                    intent,
+                    session,
+                    ignored_token,
+                    start,
+                    conn,
+                ));
+            }
+            Ok(_) => {
+                void(shared, idx);
+                exclude(&mut excluded, idx);
+            }
+            Err(CheckoutError::Failed(why)) => {
+                shared.slots[idx].set_error(why);
+                void(shared, idx);
+                exclude(&mut excluded, idx);
+            }
+            // Pool busy: the slow path waits for it.
+            Err(CheckoutError::Timeout(_)) => {}
+        }
+    }
+    Box::pin(lease_slow(
+        shared,
+        intent,
+        need,
+        session,
+        ignored_token,
+        start,
+        excluded,
+    ))
+    .await
+}
+
+/// Resolves the intent against the config and checks a token.
+fn resolve_need(shared: &Shared, intent: Intent) -> Result<(Need, Option<TokenError>), Error> {
     let cfg = &shared.config;
-    let deadline = start + cfg.fleet.lease_timeout;
-    let mut ignored_token = None;
     let need = match intent {
         Intent::Write => Need::Write,
         Intent::Read(c) => match c {
@@ -395,14 +489,93 @@ pub(crate) async fn lease_on(
                 Ok(()) => Need::Read(ReadNeed::After(token)),
                 Err(e @ TokenError::ForeignSystem { .. }) => {
                     tracing::debug!(target: TARGET, error = %e, "ignoring token of another cluster");
-                    ignored_token = Some(e);
-                    Need::Read(ReadNeed::Eventual)
+                    return Ok((Need::Read(ReadNeed::Eventual), Some(e)));
                 }
                 Err(e) => return Err(e.into()),
             },
         },
     };
-    let mut excluded: Vec<bool> = Vec::new();
+    Ok((need, None))
+}
+
+/// The server the snapshot says serves `need` right now, without waiting: its index,
+/// whether to use its write pool, its role, and its last probed postmaster start.
+fn decide_now(shared: &Shared, need: &Need) -> Option<(usize, bool, Role, Option<i64>)> {
+    let topo = shared.topology.load();
+    let (idx, write) = match need {
+        Need::Write | Need::Strong => (topo.primary_index()?, matches!(need, Need::Write)),
+        Need::Read(rn) => (
+            select(
+                shared.config.fleet.strategy,
+                &topo.weights,
+                &topo.rr_seq,
+                &shared.rr,
+                |i| topo.can_serve(i, rn),
+                |i| shared.slots[i].in_flight.load(Ordering::Relaxed),
+            )?,
+            false,
+        ),
+    };
+    let s = &topo.servers[idx];
+    Some((idx, write, s.role, s.postmaster_start_us))
+}
+
+/// Books a granted lease: counters, and the guard itself.
+#[allow(clippy::too_many_arguments)]
+fn grant(
+    shared: &Arc<Shared>,
+    idx: usize,
+    role: Role,
+    fallback: bool,
+    need: Need,
+    intent: Intent,
+    session: Option<Arc<SessionInner>>,
+    ignored_token: Option<TokenError>,
+    start: Instant,
+    conn: crate::conn::Pooled,
+) -> Lease {
+    let slot = &shared.slots[idx];
+    slot.in_flight.fetch_add(1, Ordering::AcqRel);
+    slot.leases.fetch_add(1, Ordering::Relaxed);
+    if fallback {
+        slot.fallbacks.fetch_add(1, Ordering::Relaxed);
+    }
+    if let Need::Read(ReadNeed::After(_)) = need {
+        let c = &shared.counters;
+        if role == Role::Replica {
+            &c.ryw_on_replica
+        } else {
+            &c.ryw_on_primary
+        }
+        .fetch_add(1, Ordering::Relaxed);
+    }
+    Lease {
+        conn: Some(conn),
+        shared: shared.clone(),
+        idx,
+        role,
+        fallback,
+        intent,
+        session,
+        ignored_token,
+        waited: start.elapsed(),
+    }
+}
+
+/// Everything that may wait: for a primary, for a replica to catch up, for a busy pool,
+/// and retries on other servers after a failed checkout.
+#[allow(clippy::too_many_arguments)]
+async fn lease_slow(
+    shared: &Arc<Shared>,
+    intent: Intent,
+    need: Need,
+    session: Option<Arc<SessionInner>>,
+    ignored_token: Option<TokenError>,
+    start: Instant,
+    mut excluded: Vec<bool>,
+) -> Result<Lease, Error> {
+    let cfg = &shared.config;
+    let deadline = start + cfg.fleet.lease_timeout;
     let mut waited_for_replica = false;
     loop {
         if shared.is_shutting_down() {
@@ -477,32 +650,18 @@ pub(crate) async fn lease_on(
                     exclude(&mut excluded, idx);
                     continue;
                 }
-                let slot = &shared.slots[idx];
-                slot.in_flight.fetch_add(1, Ordering::AcqRel);
-                slot.leases.fetch_add(1, Ordering::Relaxed);
-                if fallback {
-                    slot.fallbacks.fetch_add(1, Ordering::Relaxed);
-                }
-                if let Need::Read(ReadNeed::After(_)) = need {
-                    let c = &shared.counters;
-                    if role == Role::Replica {
-                        &c.ryw_on_replica
-                    } else {
-                        &c.ryw_on_primary
-                    }
-                    .fetch_add(1, Ordering::Relaxed);
-                }
-                return Ok(Lease {
-                    conn: Some(conn),
-                    shared: shared.clone(),
+                return Ok(grant(
+                    shared,
                     idx,
                     role,
                     fallback,
+                    need,
                     intent,
                     session,
                     ignored_token,
-                    waited: start.elapsed(),
-                });
+                    start,
+                    conn,
+                ));
             }
             Err(CheckoutError::Timeout(after)) => {
                 return Err(Error::Timeout {
@@ -670,40 +829,45 @@ async fn checkout(
     write: bool,
     deadline: Instant,
 ) -> Result<crate::conn::Pooled, CheckoutError> {
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    let create = shared
+        .net
+        .connect_timeout
+        .min(remaining.max(Duration::from_millis(1)));
+    // A free permit at once (no timer), else wait for one until the deadline.
+    match try_checkout(shared, idx, write, Duration::ZERO, create).await {
+        Err(CheckoutError::Timeout(_)) if !remaining.is_zero() => {
+            try_checkout(shared, idx, write, remaining, create).await
+        }
+        other => other,
+    }
+}
+
+/// One pool checkout waiting at most `wait` for a permit (zero: no timer at all).
+/// Recycling needs no timer (instant for a clean connection; a rollback bounds itself)
+/// and a new connection is bounded by `create`.
+async fn try_checkout(
+    shared: &Shared,
+    idx: usize,
+    write: bool,
+    wait: Duration,
+    create: Duration,
+) -> Result<crate::conn::Pooled, CheckoutError> {
     let slot = &shared.slots[idx];
-    let Some(pools) = slot.pools.load_full() else {
+    // A guard, not a clone: no shared reference count to bump on the hot path.
+    let pools = slot.pools.load();
+    let Some(pools) = pools.as_ref() else {
         return Err(CheckoutError::Failed("server actor restarting".into()));
     };
     let pool = if write { &pools.write } else { &pools.read };
-    let remaining = deadline.saturating_duration_since(Instant::now());
-    // Fast path without timers: take a free permit or fail at once. Recycling needs no
-    // timer (it is instant for a clean connection and bounds its own rollback), and a
-    // create is bounded by the connect timeout and the lease deadline.
-    let create = Some(
-        shared
-            .net
-            .connect_timeout
-            .min(remaining.max(Duration::from_millis(1))),
-    );
-    let fast = Timeouts {
-        wait: Some(Duration::ZERO),
-        create,
+    let timeouts = Timeouts {
+        wait: Some(wait),
+        create: Some(create),
         recycle: None,
     };
-    let got = match pool.timeout_get(&fast).await {
-        Err(PoolError::Timeout(TimeoutType::Wait)) if !remaining.is_zero() => {
-            let slow = Timeouts {
-                wait: Some(remaining),
-                create,
-                recycle: None,
-            };
-            pool.timeout_get(&slow).await
-        }
-        other => other,
-    };
-    match got {
+    match pool.timeout_get(&timeouts).await {
         Ok(c) => Ok(c),
-        Err(PoolError::Timeout(TimeoutType::Wait)) => Err(CheckoutError::Timeout(remaining)),
+        Err(PoolError::Timeout(TimeoutType::Wait)) => Err(CheckoutError::Timeout(wait)),
         Err(PoolError::Timeout(t)) => Err(CheckoutError::Failed(format!("{t:?} timed out"))),
         Err(PoolError::Backend(e)) => Err(CheckoutError::Failed(e.0)),
         Err(PoolError::Closed) => Err(CheckoutError::Failed("pool closed".into())),

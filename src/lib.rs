@@ -55,6 +55,8 @@
 //! - `fleet`: [`Fleet`], the handle, and the lease decision.
 //! - `lease`: [`Lease`], [`Intent`], [`Consistency`].
 //! - `session`: [`Session`].
+//! - `listener`: the LISTEN/NOTIFY listener actor, [`Subscription`], [`ListenEvent`],
+//!   [`Notification`].
 //! - `status`: [`Status`].
 //! - `error`: [`Error`].
 //!
@@ -64,14 +66,40 @@
 //! Fleet (Clone handle) ── Supervisor
 //!                           ├── Router            (one per cluster)
 //!                           ├── Server "primary"  (one per configured server)
-//!                           └── Server "replica1" ...
+//!                           ├── Server "replica1" ...
+//!                           └── Listener          (LISTEN/NOTIFY, on the primary)
 //! ```
 //!
 //! Each server actor owns its server's pools and a dedicated probe connection; it probes
 //! every `probe_interval` and reports role, positions and health to the router. The
-//! router publishes an immutable [`Topology`](crate::topology) snapshot that every lease
+//! router publishes an immutable topology snapshot that every lease
 //! reads without locks, and parks read-your-writes reads that no replica can serve yet.
 //! The supervisor restarts failed server actors with exponential backoff and jitter.
+//!
+//! # LISTEN/NOTIFY
+//!
+//! [`Fleet::listen`] subscribes to a channel and returns a [`Subscription`], a stream of
+//! [`ListenEvent`]s. One listener actor keeps one connection to the current primary and
+//! LISTENs there once per channel, however many subscriptions share it; the last
+//! subscription dropped UNLISTENs it. When that connection is lost (a restart, a
+//! failover, a terminated backend) the listener reconnects with backoff, LISTENs again
+//! and sends [`ListenEvent::Reconnected`] to every subscription, because notifications
+//! sent meanwhile were missed; a subscription whose buffer (1024 events) is full gets
+//! [`ListenEvent::Lagged`] instead of what did not fit. Both mean: re-read the state.
+//!
+//! ```no_run
+//! # async fn demo(fleet: pgfleet::Fleet) -> Result<(), pgfleet::Error> {
+//! use pgfleet::ListenEvent;
+//!
+//! let mut orders = fleet.listen("orders").await?;
+//! while let Some(event) = orders.recv().await {
+//!     match event {
+//!         ListenEvent::Notification(n) => println!("order {}", n.payload),
+//!         _ => println!("notifications may have been missed; reload"),
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
 //!
 //! # The pool
 //!
@@ -98,6 +126,7 @@ mod error;
 mod fleet;
 mod lag;
 mod lease;
+mod listener;
 mod lsn;
 mod router;
 mod server;
@@ -115,6 +144,7 @@ pub use config::{
 pub use error::Error;
 pub use fleet::Fleet;
 pub use lease::{Consistency, Intent, Lease};
+pub use listener::{ListenEvent, Notification, Subscription};
 pub use lsn::{Lsn, LsnParseError};
 pub use router::RouterMsg;
 pub use server::ServerMsg;

@@ -131,6 +131,9 @@ pub(crate) struct Shared {
     pub(crate) changed: Notify,
     /// The current router (changes when the supervisor restarts it).
     pub(crate) router: ArcSwapOption<ActorRef<RouterMsg>>,
+    /// LISTEN/NOTIFY subscriptions and the current listener actor: kept here so a
+    /// listener restarted by the supervisor finds every subscriber.
+    pub(crate) listen: Arc<crate::listener::ListenRegistry>,
     /// Shared round-robin position.
     pub(crate) rr: AtomicUsize,
     /// Set by `shutdown`; no new leases after it.

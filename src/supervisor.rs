@@ -1,7 +1,7 @@
-//! The supervisor: spawns the router and one server actor per server, linked to
-//! itself, and restarts whichever fails — servers after an exponential backoff with
-//! jitter (through a timer message, never by sleeping in the supervision handler), the
-//! router at once.
+//! The supervisor: spawns the router, one server actor per server and the LISTEN/NOTIFY
+//! listener, linked to itself, and restarts whichever fails — servers and the listener
+//! after an exponential backoff with jitter (through a timer message, never by sleeping
+//! in the supervision handler), the router at once.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
 
 use crate::backoff::restart_delay;
+use crate::listener::Listener;
 use crate::router::{Router, RouterMsg};
 use crate::server::{Server, ServerArgs};
 use crate::shared::Shared;
@@ -23,6 +24,8 @@ pub(crate) enum SupervisorMsg {
     RestartServer(usize),
     /// Start the router again.
     RestartRouter,
+    /// Backoff elapsed: start the LISTEN/NOTIFY listener again.
+    RestartListener,
     /// Stop every child and then the supervisor.
     Shutdown,
 }
@@ -42,6 +45,8 @@ pub(crate) struct SupervisorState {
     shared: Arc<Shared>,
     servers: Vec<Child>,
     router: Option<ActorCell>,
+    /// The LISTEN/NOTIFY listener (restarted with backoff, like a server).
+    listener: Child,
     stopping: bool,
 }
 
@@ -77,10 +82,18 @@ impl Actor for Supervisor {
                 started: Instant::now(),
             });
         }
+        // Listener pre_start does no I/O either: it connects after start.
+        let (listener, _) =
+            Actor::spawn_linked(None, Listener, shared.clone(), myself.get_cell()).await?;
         Ok(SupervisorState {
             shared,
             servers,
             router: Some(router.get_cell()),
+            listener: Child {
+                cell: Some(listener.get_cell()),
+                attempts: 0,
+                started: Instant::now(),
+            },
             stopping: false,
         })
     }
@@ -128,11 +141,31 @@ impl Actor for Supervisor {
                     }
                 }
             }
+            SupervisorMsg::RestartListener if !state.stopping => {
+                match Actor::spawn_linked(None, Listener, state.shared.clone(), myself.get_cell())
+                    .await
+                {
+                    Ok((l, _)) => {
+                        state.listener.cell = Some(l.get_cell());
+                        state.listener.started = Instant::now();
+                        tracing::info!(target: TARGET, "listener restarted");
+                    }
+                    Err(e) => {
+                        tracing::error!(target: TARGET, error = %e, "listener restart failed; retrying");
+                        schedule_listener_restart(&myself, state);
+                    }
+                }
+            }
             SupervisorMsg::Shutdown => {
                 state.stopping = true;
                 if let Some(r) = state.router.take() {
                     r.stop(None);
                 }
+                if let Some(l) = state.listener.cell.take() {
+                    l.stop(None);
+                }
+                // Ends every subscription stream; no new ones.
+                state.shared.listen.close();
                 for c in &mut state.servers {
                     if let Some(cell) = c.cell.take() {
                         cell.stop(None);
@@ -166,7 +199,26 @@ impl Actor for Supervisor {
         if state.router.as_ref().is_some_and(|r| r.get_id() == id) {
             tracing::error!(target: TARGET, reason = %why, "router ended; restarting it");
             state.router = None;
+            // ractor runs no post_stop for a failed actor: unpublish it here, so
+            // `fleet.router()` says "restarting" rather than handing out a dead ref.
+            let current = state.shared.router.load();
+            if current.as_ref().is_some_and(|r| r.get_id() == id) {
+                state.shared.router.store(None);
+            }
             let _ = myself.cast(SupervisorMsg::RestartRouter);
+            return Ok(());
+        }
+        if state
+            .listener
+            .cell
+            .as_ref()
+            .is_some_and(|l| l.get_id() == id)
+        {
+            tracing::error!(target: TARGET, reason = %why, "listener ended; restarting after backoff");
+            state.listener.cell = None;
+            // No post_stop after a failure: unpublish it here.
+            state.shared.listen.forget_listener(id);
+            schedule_listener_restart(&myself, state);
             return Ok(());
         }
         let Some(idx) = state
@@ -180,6 +232,14 @@ impl Actor for Supervisor {
         tracing::warn!(target: TARGET, server = %slot.name, reason = %why, "server actor ended; restarting after backoff");
         slot.set_error(why);
         slot.restarting.store(true, Ordering::Release);
+        // ractor runs no post_stop for a failed actor: retire its pools here (they were
+        // its own); connections still leased finish their work and are then dropped.
+        if slot.actor.load().as_ref().is_some_and(|a| a.get_id() == id) {
+            slot.actor.store(None);
+            if let Some(pools) = slot.pools.swap(None) {
+                pools.close();
+            }
+        }
         slot.restarts.fetch_add(1, Ordering::AcqRel);
         state.servers[idx].cell = None;
         // Out of rotation at once.
@@ -205,4 +265,20 @@ fn schedule_restart(myself: &ActorRef<SupervisorMsg>, state: &mut SupervisorStat
     );
     child.attempts = child.attempts.saturating_add(1);
     myself.send_after(delay, move || SupervisorMsg::RestartServer(idx));
+}
+
+fn schedule_listener_restart(myself: &ActorRef<SupervisorMsg>, state: &mut SupervisorState) {
+    let restart = &state.shared.config.fleet.restart;
+    let child = &mut state.listener;
+    if child.started.elapsed() >= restart.stable_after {
+        child.attempts = 0;
+    }
+    let delay = restart_delay(
+        child.attempts,
+        restart.min_backoff,
+        restart.max_backoff,
+        fastrand::f64(),
+    );
+    child.attempts = child.attempts.saturating_add(1);
+    myself.send_after(delay, || SupervisorMsg::RestartListener);
 }
