@@ -11,34 +11,11 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use pgfleet::{Config, Consistency, Fleet, Intent, Strategy};
+use pgfleet_testkit::bare::{bare_pool, BarePool};
 use pgfleet_testkit::LocalCluster;
 
 const POOL: usize = 16;
 const TASKS: u64 = 64;
-
-struct Bare(tokio_postgres::Config);
-
-impl deadpool::managed::Manager for Bare {
-    type Type = tokio_postgres::Client;
-    type Error = tokio_postgres::Error;
-    async fn create(&self) -> Result<Self::Type, Self::Error> {
-        let (c, conn) = self.0.connect(tokio_postgres::NoTls).await?;
-        tokio::spawn(conn);
-        Ok(c)
-    }
-    async fn recycle(
-        &self,
-        c: &mut Self::Type,
-        _: &deadpool::managed::Metrics,
-    ) -> deadpool::managed::RecycleResult<Self::Error> {
-        if c.is_closed() {
-            return Err(deadpool::managed::RecycleError::message("closed"));
-        }
-        Ok(())
-    }
-}
-
-type BarePool = deadpool::managed::Pool<Bare>;
 
 fn lease_overhead(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -57,13 +34,7 @@ fn lease_overhead(c: &mut Criterion) {
         config.replicas[0].pool_size = POOL;
         let fleet = Fleet::start(config).await.expect("fleet");
         assert!(fleet.wait_ready(Duration::from_secs(20)).await);
-        let pool = |url: String| -> BarePool {
-            deadpool::managed::Pool::builder(Bare(url.parse().expect("url")))
-                .max_size(POOL)
-                .runtime(deadpool::Runtime::Tokio1)
-                .build()
-                .expect("pool")
-        };
+        let pool = |url: String| -> BarePool { bare_pool(&url, POOL).expect("pool") };
         let bare_replica = pool(cluster.replica(0).url());
         let bare_primary = pool(cluster.primary().url());
         // Warm every pool to its full size.

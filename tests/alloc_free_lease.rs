@@ -33,28 +33,6 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-struct Bare(tokio_postgres::Config);
-
-impl deadpool::managed::Manager for Bare {
-    type Type = tokio_postgres::Client;
-    type Error = tokio_postgres::Error;
-    async fn create(&self) -> Result<Self::Type, Self::Error> {
-        let (c, conn) = self.0.connect(tokio_postgres::NoTls).await?;
-        tokio::spawn(conn);
-        Ok(c)
-    }
-    async fn recycle(
-        &self,
-        c: &mut Self::Type,
-        _: &deadpool::managed::Metrics,
-    ) -> deadpool::managed::RecycleResult<Self::Error> {
-        if c.is_closed() {
-            return Err(deadpool::managed::RecycleError::message("closed"));
-        }
-        Ok(())
-    }
-}
-
 const ROUNDS: u64 = 2000;
 
 #[tokio::test(flavor = "current_thread")]
@@ -66,10 +44,8 @@ async fn eventual_lease_allocates_no_more_than_the_pool() -> anyhow::Result<()> 
         c.replicas[0].pool_size = 4;
     });
     let fleet = common::start(config).await;
-    let bare: deadpool::managed::Pool<Bare> =
-        deadpool::managed::Pool::builder(Bare(cluster.replica(0).url().parse()?))
-            .max_size(4)
-            .build()?;
+    let bare = pgfleet_testkit::bare::bare_pool(&cluster.replica(0).url(), 4)
+        .map_err(anyhow::Error::msg)?;
     // Warm both: connections open, statement caches and lazy statics initialised.
     for _ in 0..50 {
         let l = fleet.lease(Intent::Read(Consistency::Eventual)).await?;

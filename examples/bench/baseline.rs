@@ -29,43 +29,12 @@ const CHECK_SQL: &str = "SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn";
 /// The baselines' write token: the insert position after COMMIT, on the write connection.
 const TOKEN_SQL: &str = "SELECT pg_current_wal_insert_lsn()::text";
 
-/// A bare connection manager: connect, and drop closed connections on recycle. The same
-/// one benches/lease.rs compares against.
-pub(crate) struct Bare(pub(crate) tokio_postgres::Config);
-
-impl deadpool::managed::Manager for Bare {
-    type Type = tokio_postgres::Client;
-    type Error = tokio_postgres::Error;
-
-    async fn create(&self) -> Result<Self::Type, Self::Error> {
-        let (c, conn) = self.0.connect(tokio_postgres::NoTls).await?;
-        tokio::spawn(conn);
-        Ok(c)
-    }
-
-    async fn recycle(
-        &self,
-        c: &mut Self::Type,
-        _: &deadpool::managed::Metrics,
-    ) -> deadpool::managed::RecycleResult<Self::Error> {
-        if c.is_closed() {
-            return Err(deadpool::managed::RecycleError::message("closed"));
-        }
-        Ok(())
-    }
-}
-
-pub(crate) type BarePool = deadpool::managed::Pool<Bare>;
-pub(crate) type BareConn = deadpool::managed::Object<Bare>;
+pub(crate) use pgfleet_testkit::bare::BarePool;
+pub(crate) type BareConn = deadpool::managed::Object<pgfleet_testkit::bare::BareManager>;
 
 /// A bare pool of `size` connections to `url`.
 pub(crate) fn pool(url: &str, size: usize) -> Result<BarePool> {
-    let config: tokio_postgres::Config = url.parse()?;
-    deadpool::managed::Pool::builder(Bare(config))
-        .max_size(size)
-        .runtime(deadpool::Runtime::Tokio1)
-        .build()
-        .map_err(|e| anyhow!("building a bare pool: {e}"))
+    pgfleet_testkit::bare::bare_pool(url, size).map_err(|e| anyhow!("building a bare pool: {e}"))
 }
 
 /// A connection from a bare pool.

@@ -94,6 +94,7 @@
 //! - `bins`, `process`: finding and running PostgreSQL programs; `/proc`, signals, the watchdog.
 //! - `error`: [`Error`].
 
+pub mod bare;
 mod bins;
 mod cluster;
 mod error;
