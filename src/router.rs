@@ -476,7 +476,13 @@ impl RouterState {
             return;
         }
         let deadline = req.deadline;
-        if self.best_candidate(&req.token, now, deadline).is_none() {
+        // A token far past the primary's last reported position is forged or from a lost
+        // history (a real one is ahead only by the WAL written since the last probe): no
+        // replica will reach it in time, so fall back at once.
+        let beyond_primary = topo.primary_lsn.is_some_and(|p| {
+            req.token.lsn().bytes_since(p) > self.shared.config.consistency.max_lag_bytes
+        });
+        if beyond_primary || self.best_candidate(&req.token, now, deadline).is_none() {
             // No replica can catch up in time (paused, too far behind): at once.
             let _ = reply.send(self.fallback_reply(&req.token));
             return;
