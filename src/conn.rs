@@ -13,7 +13,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -22,6 +22,7 @@ use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
 use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 use tokio_postgres::config::Host;
 use tokio_postgres::{Client, NoTls};
 
@@ -47,6 +48,12 @@ pub(crate) struct ConnState {
     killed: AtomicBool,
     /// Wakes the connection task so it sees `killed`.
     waker: AtomicWaker,
+    /// Replies still owed: one `ReadyForQuery` for the startup and for every simple
+    /// `Query` or `Sync` sent. The status above is final only when this is 0: a lease may
+    /// end with an error in hand while the server's `ReadyForQuery` is still in flight.
+    pending: AtomicI64,
+    /// Woken when `pending` drops to 0.
+    settled: Notify,
 }
 
 impl ConnState {
@@ -56,6 +63,27 @@ impl ConnState {
             saw_read_only: AtomicBool::new(false),
             killed: AtomicBool::new(false),
             waker: AtomicWaker::new(),
+            pending: AtomicI64::new(1),
+            settled: Notify::new(),
+        }
+    }
+
+    /// Whether every request sent has had its `ReadyForQuery`.
+    pub(crate) fn is_settled(&self) -> bool {
+        self.pending.load(Ordering::Acquire) <= 0
+    }
+
+    /// Waits (at most `timeout`) until every request sent has had its `ReadyForQuery`.
+    pub(crate) async fn settle(&self, timeout: Duration) -> bool {
+        let until = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.settled.notified();
+            if self.is_settled() {
+                return true;
+            }
+            if tokio::time::timeout_at(until, notified).await.is_err() {
+                return self.is_settled();
+            }
         }
     }
 
@@ -110,6 +138,65 @@ pub(crate) struct SniffStream<S> {
     inner: S,
     state: Arc<ConnState>,
     frame: Frame,
+    /// Framing of what the client writes, to count the replies owed.
+    out: Out,
+}
+
+/// Where the sniffer is inside the client's message stream.
+#[derive(Debug)]
+enum Out {
+    /// The startup message: a 4-byte length, no type byte.
+    Startup { buf: [u8; 4], have: usize },
+    /// Collecting a 5-byte header (type + length).
+    Header { buf: [u8; 5], have: usize },
+    /// Inside a message body.
+    Body { remaining: usize },
+}
+
+/// Advances the client-side framing over bytes the socket accepted.
+fn observe_out(out: &mut Out, state: &ConnState, mut data: &[u8]) {
+    while !data.is_empty() {
+        match out {
+            Out::Startup { buf, have } => {
+                let take = (4 - *have).min(data.len());
+                buf[*have..*have + take].copy_from_slice(&data[..take]);
+                *have += take;
+                data = &data[take..];
+                if *have == 4 {
+                    let len = u32::from_be_bytes(*buf) as usize;
+                    *out = Out::Body {
+                        remaining: len.saturating_sub(4),
+                    };
+                }
+            }
+            Out::Header { buf, have } => {
+                let take = (5 - *have).min(data.len());
+                buf[*have..*have + take].copy_from_slice(&data[..take]);
+                *have += take;
+                data = &data[take..];
+                if *have == 5 {
+                    if buf[0] == b'Q' || buf[0] == b'S' {
+                        state.pending.fetch_add(1, Ordering::AcqRel);
+                    }
+                    let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+                    *out = Out::Body {
+                        remaining: len.saturating_sub(4),
+                    };
+                }
+            }
+            Out::Body { remaining } => {
+                let take = (*remaining).min(data.len());
+                *remaining -= take;
+                data = &data[take..];
+            }
+        }
+        if let Out::Body { remaining: 0 } = out {
+            *out = Out::Header {
+                buf: [0; 5],
+                have: 0,
+            };
+        }
+    }
 }
 
 impl<S> SniffStream<S> {
@@ -119,6 +206,10 @@ impl<S> SniffStream<S> {
             state,
             frame: Frame::Header {
                 buf: [0; 5],
+                have: 0,
+            },
+            out: Out::Startup {
+                buf: [0; 4],
                 have: 0,
             },
         }
@@ -158,6 +249,9 @@ fn observe(frame: &mut Frame, state: &ConnState, mut data: &[u8]) {
                 let take = (*remaining).min(data.len());
                 if *kind == b'Z' && take > 0 {
                     state.tx_status.store(data[0], Ordering::Release);
+                    if state.pending.fetch_sub(1, Ordering::AcqRel) <= 1 {
+                        state.settled.notify_waiters();
+                    }
                 } else if *kind == b'E' && head.len() < 256 {
                     let room = 256 - head.len();
                     head.extend_from_slice(&data[..take.min(room)]);
@@ -217,6 +311,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for SniffStream<S> {
             inner,
             state,
             frame,
+            ..
         } = &mut *self;
         let res = Pin::new(inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = res {
@@ -235,7 +330,14 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for SniffStream<S> {
         if let Some(e) = self.state.check_killed(cx) {
             return Poll::Ready(Err(e));
         }
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let SniffStream {
+            inner, state, out, ..
+        } = &mut *self;
+        let res = Pin::new(inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = res {
+            observe_out(out, state, &buf[..n]);
+        }
+        res
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -244,21 +346,6 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for SniffStream<S> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        if let Some(e) = self.state.check_killed(cx) {
-            return Poll::Ready(Err(e));
-        }
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
     }
 }
 
@@ -485,6 +572,16 @@ impl managed::Manager for ConnManager {
         if conn.client.is_closed() {
             return Err(RecycleError::message("connection closed"));
         }
+        // A reply still in flight (its ReadyForQuery not read yet): give it a moment; a
+        // connection still busy after that (an abandoned long query) is not handed out.
+        if !conn.state.is_settled()
+            && !conn
+                .state
+                .settle(self.rollback_timeout.min(Duration::from_millis(50)))
+                .await
+        {
+            return Err(RecycleError::message("connection still busy with a reply"));
+        }
         if conn.state.is_idle() {
             return Ok(());
         }
@@ -692,6 +789,33 @@ mod tests {
         s.observe(&data[7..]);
         assert!(s.state.take_read_only_refusal());
         assert!(!s.state.take_read_only_refusal(), "the flag clears");
+    }
+
+    #[test]
+    fn counts_replies_owed_until_ready_for_query() {
+        let mut s = sniffer();
+        let mut out = Out::Startup {
+            buf: [0; 4],
+            have: 0,
+        };
+        // Startup message (length 8 + 4 bytes of version), owed one ReadyForQuery.
+        observe_out(&mut out, &s.state, &[0, 0, 0, 8, 0, 3, 0, 0]);
+        assert!(!s.state.is_settled());
+        s.observe(&msg(b'Z', b"I"));
+        assert!(s.state.is_settled());
+        // Extended protocol: Parse, Bind, Execute, Sync, written in odd pieces.
+        let mut w = msg(b'P', b"\0SELECT 1\0\0\0");
+        w.extend(msg(b'B', b"\0\0\0\0\0\0\0\0"));
+        w.extend(msg(b'E', b"\0\0\0\0\0"));
+        w.extend(msg(b'S', b""));
+        w.extend(msg(b'Q', b"SELECT 2\0"));
+        for chunk in w.chunks(3) {
+            observe_out(&mut out, &s.state, chunk);
+        }
+        s.observe(&msg(b'Z', b"E"));
+        assert!(!s.state.is_settled(), "one reply still owed");
+        s.observe(&msg(b'Z', b"I"));
+        assert!(s.state.is_settled());
     }
 
     #[test]

@@ -255,6 +255,8 @@ async fn upper_bound(shared: &Shared, idx: usize, conn: Pooled) -> Option<Token>
     const SQL: &str = "SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
         ELSE pg_current_wal_insert_lsn() END";
     let work = async {
+        // The last reply's ReadyForQuery may still be in flight.
+        conn.state.settle(shared.query_timeout()).await;
         if !conn.state.is_idle() {
             conn.client.batch_execute("ROLLBACK").await?;
         }
