@@ -491,49 +491,10 @@ pub(crate) async fn connect(
     net: &NetOptions,
     registry: Option<&ConnRegistry>,
 ) -> Result<PgConn, ConnectError> {
-    let fut = async {
-        let host = pg
-            .get_hosts()
-            .first()
-            .ok_or_else(|| ConnectError("no host in URL".into()))?;
-        let port = pg.get_ports().first().copied().unwrap_or(5432);
-        let socket = open_socket(host, port, net)
-            .await
-            .map_err(|e| ConnectError(format!("socket: {e}")))?;
-        let state = Arc::new(ConnState::new());
-        if let Some(r) = registry {
-            r.add(&state);
-        }
-        let stream = SniffStream::new(socket, state.clone());
-        let (client, connection) = pg
-            .connect_raw(stream, NoTls)
-            .await
-            .map_err(|e| ConnectError(format!("startup: {}", describe(&e))))?;
-        tokio::spawn(async move {
-            // The error also reaches the client's next call; nothing to do here.
-            let _ = connection.await;
-        });
-        let row = client
-            .query_one(
-                "SELECT (extract(epoch FROM pg_postmaster_start_time()) * 1000000)::int8",
-                &[],
-            )
-            .await
-            .map_err(|e| ConnectError(format!("first query: {}", describe(&e))))?;
-        let postmaster_start_us: i64 = row.get(0);
-        Ok(PgConn {
-            client,
-            state,
-            postmaster_start_us,
-        })
-    };
-    match tokio::time::timeout(net.connect_timeout, fut).await {
-        Ok(r) => r,
-        Err(_) => Err(ConnectError(format!(
-            "connect timed out after {:?}",
-            net.connect_timeout
-        ))),
-    }
+    // Same connect; with the receiver dropped, asynchronous messages are discarded.
+    connect_with_messages(pg, net, registry, 1)
+        .await
+        .map(|(conn, _)| conn)
 }
 
 /// A driver error as text without anything from the connection string.
