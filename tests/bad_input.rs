@@ -117,6 +117,10 @@ async fn fleet_with_a_write(
     .await?;
     let token = w.commit_token().await?;
     drop(w);
+    // Reads that ignore a token are eventual reads: let every replica have the table.
+    cluster
+        .wait_all_replayed(std::time::Duration::from_secs(20))
+        .await?;
     Ok((fleet, table, token))
 }
 
