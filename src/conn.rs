@@ -110,7 +110,10 @@ impl ConnState {
 
     /// Whether a write was refused as read-only since the last call (clears the flag).
     pub(crate) fn take_read_only_refusal(&self) -> bool {
-        self.saw_read_only.swap(false, Ordering::AcqRel)
+        // A plain load first: the flag is almost never set, and a swap on every release
+        // would be a needless read-modify-write.
+        self.saw_read_only.load(Ordering::Relaxed)
+            && self.saw_read_only.swap(false, Ordering::AcqRel)
     }
 }
 
