@@ -39,11 +39,17 @@ struct Tally {
 impl Tally {
     fn error(&self, e: &pgfleet::Error) {
         let kind = format!("{e:?}");
-        let kind = kind
+        let mut kind = kind
             .split([' ', '{', '('])
             .next()
             .unwrap_or("?")
             .to_string();
+        if let pgfleet::Error::Postgres { source, .. } = e {
+            match source.code() {
+                Some(code) => kind = format!("{kind}/{}", code.code()),
+                None => kind.push_str("/connection"),
+            }
+        }
         *self
             .errors
             .lock()
@@ -178,7 +184,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn setup(fleet: &Fleet) -> anyhow::Result<()> {
-    let w = fleet.lease(Intent::Write).await?;
+    let mut w = fleet.lease(Intent::Write).await?;
     w.batch_execute(
         "DROP TABLE IF EXISTS pgfleet_demo; \
          CREATE TABLE pgfleet_demo (k int PRIMARY KEY, v bigint NOT NULL); \
@@ -186,7 +192,27 @@ async fn setup(fleet: &Fleet) -> anyhow::Result<()> {
     )
     .await
     .context("creating the demo table")?;
-    Ok(())
+    let token = w.commit_token().await?;
+    drop(w);
+    // Readers start at once: let every replica have the table first (eventual reads
+    // would otherwise be right to say it does not exist yet).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = fleet.status();
+        let caught_up = status
+            .servers
+            .iter()
+            .filter(|s| s.role == Role::Replica)
+            .all(|s| s.lsn.is_some_and(|l| l >= token.lsn()));
+        if caught_up {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "replicas did not replay the setup:\n{status}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Bumps its own row, then reads it back with read-your-writes: the read must return
