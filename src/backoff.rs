@@ -2,6 +2,33 @@
 
 use std::time::Duration;
 
+use crate::config::RestartConfig;
+
+/// Restart bookkeeping for one supervised thing (a server actor, the listener's
+/// connection): consecutive restarts without a stable period in between.
+#[derive(Debug, Default)]
+pub(crate) struct Backoff {
+    attempts: u32,
+}
+
+impl Backoff {
+    /// The delay before the next restart of something that stayed up `up_for` (`None`:
+    /// it never came up). A stable period (`stable_after`) resets the exponent.
+    pub(crate) fn next_delay(&mut self, up_for: Option<Duration>, cfg: &RestartConfig) -> Duration {
+        if up_for.is_some_and(|d| d >= cfg.stable_after) {
+            self.attempts = 0;
+        }
+        let delay = restart_delay(
+            self.attempts,
+            cfg.min_backoff,
+            cfg.max_backoff,
+            fastrand::f64(),
+        );
+        self.attempts = self.attempts.saturating_add(1);
+        delay
+    }
+}
+
 /// The delay before restart number `attempt` (0-based) of a failed server actor.
 ///
 /// `min * 2^attempt`, capped at `max`, with "equal jitter": half of it fixed and half
@@ -38,6 +65,23 @@ mod tests {
         assert_eq!(restart_delay(20, MIN, MAX, 1.0), MAX);
         assert_eq!(restart_delay(u32::MAX, MIN, MAX, 1.0), MAX);
         assert_eq!(restart_delay(3, MIN, MAX, 0.0), MIN * 4);
+    }
+
+    #[test]
+    fn backoff_grows_and_resets_after_a_stable_period() {
+        let cfg = RestartConfig::default();
+        let mut b = Backoff::default();
+        let short = Some(Duration::from_millis(1));
+        let first = b.next_delay(None, &cfg);
+        let _ = b.next_delay(short, &cfg);
+        let third = b.next_delay(short, &cfg);
+        assert!(
+            first <= cfg.min_backoff && third >= cfg.min_backoff * 2,
+            "{first:?} {third:?}"
+        );
+        // Up long enough: back to the first step.
+        let reset = b.next_delay(Some(cfg.stable_after), &cfg);
+        assert!(reset <= cfg.min_backoff, "{reset:?}");
     }
 
     proptest! {

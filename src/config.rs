@@ -723,6 +723,18 @@ fn redact_text(text: &str) -> String {
     redact_password_params(&redact_userinfo(text))
 }
 
+/// Appends `user:***@` for URL credentials `user:password` (or `user@` without one).
+fn push_redacted_credentials(out: &mut String, creds: &str) {
+    match creds.find(':') {
+        Some(colon) => {
+            out.push_str(&creds[..=colon]);
+            out.push_str("***");
+        }
+        None => out.push_str(creds),
+    }
+    out.push('@');
+}
+
 fn redact_userinfo(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
@@ -732,15 +744,7 @@ fn redact_userinfo(text: &str) -> String {
         // Like tokio-postgres, the credentials end at the first `@`.
         match tail.find('@') {
             Some(at) => {
-                let creds = &tail[..at];
-                match creds.find(':') {
-                    Some(colon) => {
-                        out.push_str(&creds[..=colon]);
-                        out.push_str("***");
-                    }
-                    None => out.push_str(creds),
-                }
-                out.push('@');
+                push_redacted_credentials(&mut out, &tail[..at]);
                 rest = &tail[at + 1..];
             }
             None => rest = tail,
@@ -1057,15 +1061,7 @@ fn redact_url(raw: &str, prefix_len: usize) -> String {
     out.push_str(prefix);
     let after_creds = match rest.find('@') {
         Some(at) => {
-            let creds = &rest[..at];
-            match creds.find(':') {
-                Some(colon) => {
-                    out.push_str(&creds[..=colon]);
-                    out.push_str("***");
-                }
-                None => out.push_str(creds),
-            }
-            out.push('@');
+            push_redacted_credentials(&mut out, &rest[..at]);
             &rest[at + 1..]
         }
         None => rest,

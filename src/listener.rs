@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 
-use crate::backoff::restart_delay;
+use crate::backoff::Backoff;
 use crate::conn::{self, describe, ConnMessage, PgConn};
 use crate::error::Error;
 use crate::shared::Shared;
@@ -537,8 +537,8 @@ pub(crate) struct ListenerState {
     listening: HashSet<String>,
     /// Subscribe calls that arrived while disconnected.
     waiting: Vec<RpcReplyPort<()>>,
-    /// Consecutive failed connections (backoff exponent).
-    attempts: u32,
+    /// Consecutive failed connections.
+    backoff: Backoff,
     /// Earliest next connect.
     retry_at: Instant,
     /// When the current connection came up (resets the backoff once stable).
@@ -569,7 +569,7 @@ impl Actor for Listener {
             gen: 0,
             listening: HashSet::new(),
             waiting: Vec::new(),
-            attempts: 0,
+            backoff: Backoff::default(),
             retry_at: Instant::now(),
             up_since: None,
             waiting_for_primary: false,
@@ -761,21 +761,10 @@ fn drop_link(myself: &ActorRef<ListenerMsg>, state: &mut ListenerState, why: &st
 }
 
 fn schedule_retry(myself: &ActorRef<ListenerMsg>, state: &mut ListenerState) {
-    let restart = &state.shared.config.fleet.restart;
-    if state
-        .up_since
-        .take()
-        .is_some_and(|t| t.elapsed() >= restart.stable_after)
-    {
-        state.attempts = 0;
-    }
-    let delay = restart_delay(
-        state.attempts,
-        restart.min_backoff,
-        restart.max_backoff,
-        fastrand::f64(),
-    );
-    state.attempts = state.attempts.saturating_add(1);
+    let up_for = state.up_since.take().map(|t| t.elapsed());
+    let delay = state
+        .backoff
+        .next_delay(up_for, &state.shared.config.fleet.restart);
     state.retry_at = Instant::now() + delay;
     myself.send_after(delay, || ListenerMsg::Connect);
 }

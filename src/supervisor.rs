@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
 
-use crate::backoff::restart_delay;
+use crate::backoff::Backoff;
 use crate::listener::Listener;
 use crate::router::{Router, RouterMsg};
 use crate::server::{Server, ServerArgs};
@@ -33,8 +33,8 @@ pub(crate) enum SupervisorMsg {
 #[derive(Debug)]
 struct Child {
     cell: Option<ActorCell>,
-    /// Consecutive restarts without a stable period in between (backoff exponent).
-    attempts: u32,
+    /// Restarts without a stable period in between.
+    backoff: Backoff,
     /// When the current incarnation started.
     started: Instant,
 }
@@ -78,7 +78,7 @@ impl Actor for Supervisor {
             let (s, _) = Actor::spawn_linked(None, Server, args, myself.get_cell()).await?;
             servers.push(Child {
                 cell: Some(s.get_cell()),
-                attempts: 0,
+                backoff: Backoff::default(),
                 started: Instant::now(),
             });
         }
@@ -91,7 +91,7 @@ impl Actor for Supervisor {
             router: Some(router.get_cell()),
             listener: Child {
                 cell: Some(listener.get_cell()),
-                attempts: 0,
+                backoff: Backoff::default(),
                 started: Instant::now(),
             },
             stopping: false,
@@ -251,34 +251,21 @@ impl Actor for Supervisor {
     }
 }
 
-fn schedule_restart(myself: &ActorRef<SupervisorMsg>, state: &mut SupervisorState, idx: usize) {
-    let restart = &state.shared.config.fleet.restart;
-    let child = &mut state.servers[idx];
-    if child.started.elapsed() >= restart.stable_after {
-        child.attempts = 0;
+impl Child {
+    /// The backoff before restarting this child, which stayed up since `started`.
+    fn restart_delay(&mut self, cfg: &crate::config::RestartConfig) -> Duration {
+        self.backoff.next_delay(Some(self.started.elapsed()), cfg)
     }
-    let delay = restart_delay(
-        child.attempts,
-        restart.min_backoff,
-        restart.max_backoff,
-        fastrand::f64(),
-    );
-    child.attempts = child.attempts.saturating_add(1);
+}
+
+fn schedule_restart(myself: &ActorRef<SupervisorMsg>, state: &mut SupervisorState, idx: usize) {
+    let delay = state.servers[idx].restart_delay(&state.shared.config.fleet.restart);
     myself.send_after(delay, move || SupervisorMsg::RestartServer(idx));
 }
 
 fn schedule_listener_restart(myself: &ActorRef<SupervisorMsg>, state: &mut SupervisorState) {
-    let restart = &state.shared.config.fleet.restart;
-    let child = &mut state.listener;
-    if child.started.elapsed() >= restart.stable_after {
-        child.attempts = 0;
-    }
-    let delay = restart_delay(
-        child.attempts,
-        restart.min_backoff,
-        restart.max_backoff,
-        fastrand::f64(),
-    );
-    child.attempts = child.attempts.saturating_add(1);
+    let delay = state
+        .listener
+        .restart_delay(&state.shared.config.fleet.restart);
     myself.send_after(delay, || SupervisorMsg::RestartListener);
 }
