@@ -208,13 +208,7 @@ impl Actor for Router {
         myself: ActorRef<RouterMsg>,
         state: &mut RouterState,
     ) -> Result<(), ActorProcessingErr> {
-        let current = state.shared.router.load();
-        if current
-            .as_ref()
-            .is_some_and(|r| r.get_id() == myself.get_id())
-        {
-            state.shared.router.store(None);
-        }
+        state.shared.retire_router(myself.get_id());
         Ok(())
     }
 

@@ -206,16 +206,7 @@ impl Actor for Server {
         if let Some(t) = state.ticker.take() {
             t.abort();
         }
-        let slot = &state.shared.slots[state.idx];
-        // Only clear what is still ours: a restarted incarnation may already be there.
-        let current = slot.actor.load();
-        if current
-            .as_ref()
-            .is_some_and(|a| a.get_id() == myself.get_id())
-        {
-            slot.actor.store(None);
-            slot.pools.store(None);
-        }
+        state.shared.slots[state.idx].retire(myself.get_id());
         state.pools.close();
         Ok(())
     }

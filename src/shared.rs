@@ -95,6 +95,19 @@ impl ServerSlot {
         self.last_error.lock().ok().and_then(|g| g.clone())
     }
 
+    /// Unpublishes the actor `id` and its pools, if they are still the current ones (a
+    /// restarted incarnation may already be there), closing the pools. Called from the
+    /// actor's `post_stop`, and by the supervisor for a failed actor (ractor runs no
+    /// `post_stop` then). Connections still leased finish their work and are dropped.
+    pub(crate) fn retire(&self, id: ractor::ActorId) {
+        if self.actor.load().as_ref().is_some_and(|a| a.get_id() == id) {
+            self.actor.store(None);
+            if let Some(pools) = self.pools.swap(None) {
+                pools.close();
+            }
+        }
+    }
+
     /// Asks the server's actor for an immediate probe (no-op while it is down).
     pub(crate) fn probe_now(&self) {
         if let Some(a) = self.actor.load().as_ref() {
@@ -161,6 +174,19 @@ impl Shared {
     pub(crate) fn publish(&self, t: Topology) {
         self.topology.store(Arc::new(t));
         self.changed.notify_waiters();
+    }
+
+    /// Unpublishes router `id` if it is still the current one, so `fleet.router()` says
+    /// "restarting" rather than handing out a dead reference.
+    pub(crate) fn retire_router(&self, id: ractor::ActorId) {
+        if self
+            .router
+            .load()
+            .as_ref()
+            .is_some_and(|r| r.get_id() == id)
+        {
+            self.router.store(None);
+        }
     }
 
     /// Bound on the release-time and recycle queries.

@@ -199,12 +199,8 @@ impl Actor for Supervisor {
         if state.router.as_ref().is_some_and(|r| r.get_id() == id) {
             tracing::error!(target: TARGET, reason = %why, "router ended; restarting it");
             state.router = None;
-            // ractor runs no post_stop for a failed actor: unpublish it here, so
-            // `fleet.router()` says "restarting" rather than handing out a dead ref.
-            let current = state.shared.router.load();
-            if current.as_ref().is_some_and(|r| r.get_id() == id) {
-                state.shared.router.store(None);
-            }
+            // ractor runs no post_stop for a failed actor.
+            state.shared.retire_router(id);
             let _ = myself.cast(SupervisorMsg::RestartRouter);
             return Ok(());
         }
@@ -232,14 +228,8 @@ impl Actor for Supervisor {
         tracing::warn!(target: TARGET, server = %slot.name, reason = %why, "server actor ended; restarting after backoff");
         slot.set_error(why);
         slot.restarting.store(true, Ordering::Release);
-        // ractor runs no post_stop for a failed actor: retire its pools here (they were
-        // its own); connections still leased finish their work and are then dropped.
-        if slot.actor.load().as_ref().is_some_and(|a| a.get_id() == id) {
-            slot.actor.store(None);
-            if let Some(pools) = slot.pools.swap(None) {
-                pools.close();
-            }
-        }
+        // ractor runs no post_stop for a failed actor.
+        slot.retire(id);
         slot.restarts.fetch_add(1, Ordering::AcqRel);
         state.servers[idx].cell = None;
         // Out of rotation at once.
