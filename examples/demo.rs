@@ -38,18 +38,11 @@ struct Tally {
 
 impl Tally {
     fn error(&self, e: &pgfleet::Error) {
-        let kind = format!("{e:?}");
-        let mut kind = kind
-            .split([' ', '{', '('])
-            .next()
-            .unwrap_or("?")
-            .to_string();
-        if let pgfleet::Error::Postgres { source, .. } = e {
-            match source.code() {
-                Some(code) => kind = format!("{kind}/{}", code.code()),
-                None => kind.push_str("/connection"),
-            }
-        }
+        let kind = match (e.kind(), e.sqlstate()) {
+            (k, Some(code)) => format!("{k}/{code}"),
+            ("Postgres", None) => "Postgres/connection".to_owned(),
+            (k, None) => k.to_owned(),
+        };
         *self
             .errors
             .lock()

@@ -157,6 +157,41 @@ impl Error {
         )
     }
 
+    /// A short, stable name for the variant (`"NoPrimary"`, `"Timeout"`, ...), for logs,
+    /// counters and metric labels. Carries no server names, positions or messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::NoPrimary { .. } => "NoPrimary",
+            Error::SplitBrain { .. } => "SplitBrain",
+            Error::Timeout { .. } => "Timeout",
+            Error::NoFreshReplica { .. } => "NoFreshReplica",
+            Error::TooManyWaiters { .. } => "TooManyWaiters",
+            Error::RecoveryConflict { .. } => "RecoveryConflict",
+            Error::SerializableOnStandby { .. } => "SerializableOnStandby",
+            Error::ReadOnly { .. } => "ReadOnly",
+            Error::WriteMayBeLost { .. } => "WriteMayBeLost",
+            Error::OpenTransaction => "OpenTransaction",
+            Error::Token(_) => "Token",
+            Error::ShuttingDown => "ShuttingDown",
+            Error::Config(_) => "Config",
+            Error::Connect { .. } => "Connect",
+            Error::Postgres { .. } => "Postgres",
+            Error::InvalidChannel { .. } => "InvalidChannel",
+            Error::Internal(_) => "Internal",
+        }
+    }
+
+    /// The SQLSTATE of the server error behind this one, if there is one.
+    pub fn sqlstate(&self) -> Option<&str> {
+        match self {
+            Error::RecoveryConflict { source, .. }
+            | Error::SerializableOnStandby { source, .. }
+            | Error::ReadOnly { source, .. }
+            | Error::Postgres { source, .. } => source.as_db_error().map(|d| d.code().code()),
+            _ => None,
+        }
+    }
+
     /// Classifies a driver error from a query run on `server`: recovery conflicts,
     /// `SERIALIZABLE` on a standby and read-only refusals get their own variants.
     pub fn from_postgres(server: impl Into<String>, source: tokio_postgres::Error) -> Error {

@@ -14,6 +14,7 @@ use crate::config::{Config, DefaultRead, Fallback};
 use crate::conn::NetOptions;
 use crate::error::Error;
 use crate::lease::{Consistency, Intent, Lease};
+use crate::metrics::{self, IntentLabel, WaitOutcome};
 use crate::router::{RouterMsg, WaitReply, WaitRequest};
 use crate::server::ServerMsg;
 use crate::session::{Session, SessionInner};
@@ -22,6 +23,7 @@ use crate::status::{ServerStatus, Status};
 use crate::supervisor::{Supervisor, SupervisorMsg};
 use crate::token::{Token, TokenError};
 use crate::topology::{select, PrimaryState, ReadNeed, Role, Topology};
+use tracing::Instrument;
 
 const TARGET: &str = "pgfleet::lease";
 
@@ -409,6 +411,30 @@ enum Need {
     Read(ReadNeed),
 }
 
+impl Need {
+    /// The `intent` metric label.
+    fn label(&self) -> IntentLabel {
+        match self {
+            Need::Write => IntentLabel::Write,
+            Need::Strong => IntentLabel::Strong,
+            Need::Read(ReadNeed::Eventual) => IntentLabel::Eventual,
+            Need::Read(ReadNeed::MaxStaleness(_)) => IntentLabel::Bounded,
+            Need::Read(ReadNeed::After(_)) => IntentLabel::Ryw,
+        }
+    }
+
+    /// The label of an intent not resolved yet (a default read counts as eventual).
+    fn label_of(intent: Intent) -> IntentLabel {
+        match intent {
+            Intent::Write => IntentLabel::Write,
+            Intent::Read(Consistency::Strong) => IntentLabel::Strong,
+            Intent::Read(Consistency::Default | Consistency::Eventual) => IntentLabel::Eventual,
+            Intent::Read(Consistency::MaxStaleness(_)) => IntentLabel::Bounded,
+            Intent::Read(Consistency::AfterLsn(_)) => IntentLabel::Ryw,
+        }
+    }
+}
+
 /// The whole lease decision; shared by `Fleet::lease`, sessions and the router's
 /// `Lease` message, so all three decide the same way.
 pub(crate) async fn lease_on(
@@ -417,10 +443,13 @@ pub(crate) async fn lease_on(
     session: Option<Arc<SessionInner>>,
 ) -> Result<Lease, Error> {
     if shared.is_shutting_down() {
+        metrics::lease_error(Need::label_of(intent), "ShuttingDown");
         return Err(Error::ShuttingDown);
     }
     let start = Instant::now();
-    let (need, ignored_token) = resolve_need(shared, intent)?;
+    let (need, ignored_token) = resolve_need(shared, intent).inspect_err(|e| {
+        metrics::lease_error(Need::label_of(intent), e.kind());
+    })?;
     // The common case, decided from the snapshot with one timer-free checkout. Its future
     // stays small; everything that may wait lives in `lease_slow`, boxed, off this path.
     let mut excluded: Vec<bool> = Vec::new();
@@ -537,6 +566,8 @@ fn grant(
     let slot = &shared.slots[idx];
     slot.in_flight.fetch_add(1, Ordering::AcqRel);
     slot.leases.fetch_add(1, Ordering::Relaxed);
+    slot.metrics.lease(need.label(), fallback);
+    tracing::trace!(target: TARGET, server = %slot.name, intent = need.label().as_str(), fallback, "lease granted");
     if fallback {
         slot.fallbacks.fetch_add(1, Ordering::Relaxed);
     }
@@ -566,6 +597,34 @@ fn grant(
 /// and retries on other servers after a failed checkout.
 #[allow(clippy::too_many_arguments)]
 async fn lease_slow(
+    shared: &Arc<Shared>,
+    intent: Intent,
+    need: Need,
+    session: Option<Arc<SessionInner>>,
+    ignored_token: Option<TokenError>,
+    start: Instant,
+    excluded: Vec<bool>,
+) -> Result<Lease, Error> {
+    let span = tracing::debug_span!(target: TARGET, "lease", intent = need.label().as_str());
+    let r = lease_wait(
+        shared,
+        intent,
+        need,
+        session,
+        ignored_token,
+        start,
+        excluded,
+    )
+    .instrument(span)
+    .await;
+    if let Err(e) = &r {
+        metrics::lease_error(need.label(), e.kind());
+    }
+    r
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn lease_wait(
     shared: &Arc<Shared>,
     intent: Intent,
     need: Need,
@@ -604,8 +663,21 @@ async fn lease_slow(
                         let reply = match rn {
                             ReadNeed::After(token) if !waited_for_replica => {
                                 waited_for_replica = true;
-                                let until = deadline.min(Instant::now() + cfg.consistency.ryw_wait);
-                                ask_router(shared, token, until).await
+                                let asked = Instant::now();
+                                let until = deadline.min(asked + cfg.consistency.ryw_wait);
+                                let reply = ask_router(shared, token, until).await;
+                                let outcome = match reply {
+                                    WaitReply::Serve(_) => WaitOutcome::Replica,
+                                    WaitReply::TooMany(_) => WaitOutcome::Refused,
+                                    WaitReply::Fallback { .. }
+                                        if cfg.consistency.fallback == Fallback::Error =>
+                                    {
+                                        WaitOutcome::Refused
+                                    }
+                                    _ => WaitOutcome::Primary,
+                                };
+                                metrics::ryw_wait(outcome, asked.elapsed());
+                                reply
                             }
                             _ => fallback_estimate(&topo, &rn),
                         };

@@ -128,6 +128,7 @@ mod lag;
 mod lease;
 mod listener;
 mod lsn;
+mod metrics;
 mod router;
 mod server;
 mod session;

@@ -397,6 +397,15 @@ impl RouterState {
                 weights_changed = true;
             }
         }
+        for (k, slot) in self.servers.iter().zip(&self.shared.slots) {
+            let v = &k.view;
+            slot.metrics.view(
+                v.health == Health::Healthy,
+                v.health == Health::Healthy && v.role == Role::Primary,
+                v.lag_bytes,
+                v.lag.approx(),
+            );
+        }
         self.version += 1;
         let last = self.shared.topology.load();
         let rr_seq = if weights_changed {

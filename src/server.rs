@@ -16,6 +16,7 @@ use crate::conn::{self, build_pool, describe, ConnRegistry, PgConn};
 use crate::lsn::Lsn;
 use crate::router::RouterMsg;
 use crate::shared::{Pools, Shared};
+use tracing::Instrument;
 
 const TARGET: &str = "pgfleet::server";
 
@@ -258,18 +259,22 @@ fn start_probe(myself: &ActorRef<ServerMsg>, state: &mut ServerState) {
     let shared = state.shared.clone();
     let idx = state.idx;
     let me = myself.clone();
-    tokio::spawn(async move {
-        let started = Instant::now();
-        let (conn, result) = run_probe(&shared, idx, conn).await;
-        let outcome = ProbeOutcome {
-            conn,
-            started,
-            latency: started.elapsed(),
-            result,
-        };
-        // The actor may have stopped meanwhile; then the outcome is simply dropped.
-        let _ = me.cast(ServerMsg::ProbeDone(Box::new(outcome)));
-    });
+    let span = tracing::debug_span!(target: TARGET, "probe", server = %shared.slots[idx].name);
+    tokio::spawn(
+        async move {
+            let started = Instant::now();
+            let (conn, result) = run_probe(&shared, idx, conn).await;
+            let outcome = ProbeOutcome {
+                conn,
+                started,
+                latency: started.elapsed(),
+                result,
+            };
+            // The actor may have stopped meanwhile; then the outcome is simply dropped.
+            let _ = me.cast(ServerMsg::ProbeDone(Box::new(outcome)));
+        }
+        .instrument(span),
+    );
 }
 
 async fn open_probe_conn(shared: &Shared, idx: usize) -> Result<ProbeConn, String> {
@@ -377,6 +382,19 @@ fn on_probe_done(state: &mut ServerState, outcome: ProbeOutcome) -> Result<(), A
     let fleet = &state.shared.config.fleet;
     let slot = &state.shared.slots[state.idx];
     state.probe = outcome.conn;
+    slot.metrics.probe(outcome.result.is_ok(), outcome.latency);
+    if crate::metrics::ENABLED {
+        let (r, w) = (state.pools.read.status(), state.pools.write.status());
+        slot.metrics.pools(
+            crate::metrics::PoolGauges {
+                read_in_use: r.size.saturating_sub(r.available),
+                read_idle: r.available,
+                write_in_use: w.size.saturating_sub(w.available),
+                write_idle: w.available,
+            },
+            slot.in_flight.load(std::sync::atomic::Ordering::Relaxed),
+        );
+    }
     match &outcome.result {
         Ok(_) => {
             state.failures = 0;

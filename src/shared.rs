@@ -11,6 +11,7 @@ use tokio::sync::Notify;
 
 use crate::config::{Config, ServerUrl};
 use crate::conn::{ConnRegistry, NetOptions, Pool};
+use crate::metrics::ServerMetrics;
 use crate::router::RouterMsg;
 use crate::server::ServerMsg;
 use crate::topology::Topology;
@@ -64,12 +65,16 @@ pub(crate) struct ServerSlot {
     pub(crate) restarting: AtomicBool,
     /// The last error seen (probe or actor failure).
     pub(crate) last_error: Mutex<Option<String>>,
+    /// Registered metric handles (zero-sized without the `metrics` feature).
+    pub(crate) metrics: ServerMetrics,
 }
 
 impl ServerSlot {
     pub(crate) fn new(name: &str, url: ServerUrl, pool_size: usize, weight: u32) -> Self {
+        let name: Arc<str> = name.into();
         ServerSlot {
-            name: name.into(),
+            metrics: ServerMetrics::new(&name),
+            name,
             url,
             pool_size,
             weight,

@@ -132,7 +132,10 @@ impl Actor for Supervisor {
                 match Actor::spawn_linked(None, Router, state.shared.clone(), myself.get_cell())
                     .await
                 {
-                    Ok((r, _)) => state.router = Some(r.get_cell()),
+                    Ok((r, _)) => {
+                        state.router = Some(r.get_cell());
+                        crate::metrics::actor_restarted("router");
+                    }
                     Err(e) => {
                         tracing::error!(target: TARGET, error = %e, "router restart failed; retrying");
                         myself.send_after(Duration::from_millis(100), || {
@@ -149,6 +152,7 @@ impl Actor for Supervisor {
                         state.listener.cell = Some(l.get_cell());
                         state.listener.started = Instant::now();
                         tracing::info!(target: TARGET, "listener restarted");
+                        crate::metrics::actor_restarted("listener");
                     }
                     Err(e) => {
                         tracing::error!(target: TARGET, error = %e, "listener restart failed; retrying");
@@ -231,6 +235,7 @@ impl Actor for Supervisor {
         // ractor runs no post_stop for a failed actor.
         slot.retire(id);
         slot.restarts.fetch_add(1, Ordering::AcqRel);
+        slot.metrics.restarted();
         state.servers[idx].cell = None;
         // Out of rotation at once.
         if let Some(router) = state.shared.router.load().as_ref() {

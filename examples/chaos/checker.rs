@@ -333,14 +333,11 @@ impl Tally {
 /// The kind of an error: the `pgfleet::Error` variant's name; for `Postgres`, with the
 /// SQLSTATE or `conn` for a connection error.
 pub fn kind(e: &Error) -> String {
-    if let Error::Postgres { source, .. } = e {
-        return match source.as_db_error() {
-            Some(db) => format!("Postgres/{}", db.code().code()),
-            None => "Postgres/conn".into(),
-        };
+    match (e.kind(), e.sqlstate()) {
+        ("Postgres", Some(code)) => format!("Postgres/{code}"),
+        ("Postgres", None) => "Postgres/conn".into(),
+        (k, _) => k.into(),
     }
-    let d = format!("{e:?}");
-    d.split([' ', '{', '(']).next().unwrap_or("?").to_owned()
 }
 
 // ---------------------------------------------------------------------------------------
