@@ -221,3 +221,54 @@ impl From<tokio_postgres::Error> for Error {
         Error::from_postgres("?", source)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kind_is_the_variant_name_and_carries_no_detail() {
+        let errors = [
+            Error::NoPrimary {
+                waited: Duration::from_secs(1),
+            },
+            Error::SplitBrain {
+                first: "a".into(),
+                second: "b".into(),
+            },
+            Error::Timeout {
+                server: "replica1".into(),
+                what: "connect",
+                after: Duration::from_secs(1),
+            },
+            Error::NoFreshReplica {
+                behind_bytes: Some(1),
+                catch_up: None,
+            },
+            Error::TooManyWaiters { waiting: 3 },
+            Error::WriteMayBeLost {
+                token_lsn: Lsn(5),
+                token_timeline: 1,
+                current_timeline: 2,
+            },
+            Error::OpenTransaction,
+            Error::Token(TokenError::Malformed { reason: "x" }),
+            Error::ShuttingDown,
+            Error::Connect {
+                server: "primary".into(),
+                message: "refused".into(),
+            },
+            Error::InvalidChannel {
+                channel: String::new(),
+                reason: "empty",
+            },
+            Error::Internal("bug".into()),
+        ];
+        for e in &errors {
+            let debug = format!("{e:?}");
+            let variant = debug.split([' ', '{', '(']).next().unwrap_or_default();
+            assert_eq!(e.kind(), variant, "{debug}");
+            assert_eq!(e.sqlstate(), None);
+        }
+    }
+}
