@@ -449,8 +449,9 @@ pub(crate) struct ConnectError(pub(crate) String);
 /// An open connection and what we know about it.
 #[derive(Debug)]
 pub(crate) struct PgConn {
-    /// The driver's client.
-    pub(crate) client: Client,
+    /// The driver's client. Boxed (once per connection): the client is ~200 bytes and
+    /// the pool moves the whole object on every checkout and return.
+    pub(crate) client: Box<Client>,
     /// What the sniffer has seen.
     pub(crate) state: Arc<ConnState>,
     /// `pg_postmaster_start_time()` in microseconds since the epoch, read at connect:
@@ -680,7 +681,7 @@ pub(crate) async fn connect_with_messages(
         let postmaster_start_us: i64 = row.get(0);
         Ok((
             PgConn {
-                client,
+                client: Box::new(client),
                 state,
                 postmaster_start_us,
             },

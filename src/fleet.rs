@@ -458,35 +458,53 @@ pub(crate) async fn lease_on(
             .net
             .connect_timeout
             .min(shared.config.fleet.lease_timeout);
-        match try_checkout(shared, idx, write_pool, Duration::ZERO, create).await {
-            Ok(conn)
-                if role != Role::Replica
-                    || expected_start.is_none_or(|s| s == conn.postmaster_start_us) =>
-            {
-                return Ok(grant(
-                    shared,
-                    idx,
-                    role,
-                    false,
-                    need,
-                    intent,
-                    session,
-                    ignored_token,
-                    start,
-                    conn,
-                ));
+        // The pool call is awaited here, not through `try_checkout`: one future layer
+        // less to build and move per lease.
+        let pools = shared.slots[idx].pools.load();
+        match pools.as_ref() {
+            Some(p) => {
+                let pool = if write_pool { &p.write } else { &p.read };
+                let timeouts = Timeouts {
+                    wait: Some(Duration::ZERO),
+                    create: Some(create),
+                    recycle: None,
+                };
+                match pool.timeout_get(&timeouts).await {
+                    Ok(conn)
+                        if role != Role::Replica
+                            || expected_start.is_none_or(|s| s == conn.postmaster_start_us) =>
+                    {
+                        return Ok(grant(
+                            shared,
+                            idx,
+                            role,
+                            false,
+                            need,
+                            intent,
+                            session,
+                            ignored_token,
+                            start,
+                            conn,
+                        ));
+                    }
+                    // Pool busy: the slow path waits for it.
+                    Err(PoolError::Timeout(TimeoutType::Wait)) => {}
+                    Ok(_) => {
+                        void(shared, idx);
+                        exclude(&mut excluded, idx);
+                    }
+                    Err(e) => {
+                        shared.slots[idx].set_error(pool_error(e, Duration::ZERO).why());
+                        void(shared, idx);
+                        exclude(&mut excluded, idx);
+                    }
+                }
             }
-            Ok(_) => {
+            None => {
+                shared.slots[idx].set_error("server actor restarting");
                 void(shared, idx);
                 exclude(&mut excluded, idx);
             }
-            Err(CheckoutError::Failed(why)) => {
-                shared.slots[idx].set_error(why);
-                void(shared, idx);
-                exclude(&mut excluded, idx);
-            }
-            // Pool busy: the slow path waits for it.
-            Err(CheckoutError::Timeout(_)) => {}
         }
     }
     Box::pin(lease_slow(
@@ -549,8 +567,10 @@ fn decide_now(shared: &Shared, need: &Need) -> Option<(usize, bool, Role, Option
     Some((idx, write, s.role, s.postmaster_start_us))
 }
 
-/// Books a granted lease: counters, and the guard itself.
+/// Books a granted lease: counters, and the guard itself. Inlined so the lease is
+/// built where the caller returns it (no copies of the connection on the way).
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 fn grant(
     shared: &Arc<Shared>,
     idx: usize,
@@ -937,12 +957,28 @@ async fn try_checkout(
         create: Some(create),
         recycle: None,
     };
-    match pool.timeout_get(&timeouts).await {
-        Ok(c) => Ok(c),
-        Err(PoolError::Timeout(TimeoutType::Wait)) => Err(CheckoutError::Timeout(wait)),
-        Err(PoolError::Timeout(t)) => Err(CheckoutError::Failed(format!("{t:?} timed out"))),
-        Err(PoolError::Backend(e)) => Err(CheckoutError::Failed(e.0)),
-        Err(PoolError::Closed) => Err(CheckoutError::Failed("pool closed".into())),
-        Err(e) => Err(CheckoutError::Failed(e.to_string())),
+    pool.timeout_get(&timeouts)
+        .await
+        .map_err(|e| pool_error(e, wait))
+}
+
+/// What a failed checkout means: a busy pool (after waiting `wait`), or a failure.
+fn pool_error(e: PoolError<crate::conn::ConnectError>, wait: Duration) -> CheckoutError {
+    match e {
+        PoolError::Timeout(TimeoutType::Wait) => CheckoutError::Timeout(wait),
+        PoolError::Timeout(t) => CheckoutError::Failed(format!("{t:?} timed out")),
+        PoolError::Backend(e) => CheckoutError::Failed(e.0),
+        // Closed by a retiring actor: its replacement is on the way.
+        PoolError::Closed => CheckoutError::Failed("server actor restarting".into()),
+        e => CheckoutError::Failed(e.to_string()),
+    }
+}
+
+impl CheckoutError {
+    fn why(self) -> String {
+        match self {
+            CheckoutError::Timeout(d) => format!("no pooled connection within {d:?}"),
+            CheckoutError::Failed(why) => why,
+        }
     }
 }

@@ -210,20 +210,19 @@ impl DerefMut for Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         let slot = &self.shared.slots[self.idx];
-        let conn = self.conn.take();
-        if let Some(c) = &conn {
+        if let Some(c) = &self.conn {
             if c.state.take_read_only_refusal() {
                 // A write hit a read-only server: its role may have changed.
                 slot.probe_now();
             }
         }
-        match (self.session.take(), conn) {
-            (Some(session), Some(conn)) => {
-                let shared = self.shared.clone();
-                let idx = self.idx;
+        if let Some(session) = self.session.take() {
+            if let Some(conn) = self.conn.take() {
                 session.release_started();
                 match tokio::runtime::Handle::try_current() {
                     Ok(rt) => {
+                        let shared = self.shared.clone();
+                        let idx = self.idx;
                         rt.spawn(async move {
                             let seen = upper_bound(&shared, idx, conn).await;
                             session.release_finished(seen);
@@ -231,13 +230,12 @@ impl Drop for Lease {
                         });
                         return;
                     }
-                    Err(_) => {
-                        session.release_finished(None);
-                    }
+                    Err(_) => session.release_finished(None),
                 }
             }
-            (_, conn) => drop(conn),
         }
+        // Back to the pool, dropped in place (the connection is not moved on the way).
+        self.conn = None;
         finish_release(&self.shared, self.idx);
     }
 }

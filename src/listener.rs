@@ -715,7 +715,7 @@ fn on_connected(
     let (cmds, rx) = mpsc::unbounded_channel();
     let timeout = state.shared.query_timeout();
     let worker = tokio::spawn(command_task(
-        opened.conn.client,
+        *opened.conn.client,
         rx,
         myself.clone(),
         gen,
