@@ -157,11 +157,12 @@ async fn run(plan: Plan) -> Result<Outcome> {
 
     let mut csv = Csv::default();
 
-    // Bare pools, as an application without pgfleet has them.
-    let bare_r1 = baseline::pool(&cluster.replica(0).url(), POOL)?;
-    let bare_r2 = baseline::pool(&cluster.replica(1).url(), POOL)?;
-    let bare_primary = baseline::pool(&cluster.primary().url(), POOL)?;
-    let bare_primary_read = baseline::pool(&cluster.primary().url(), POOL)?;
+    // Bare pools, as an application without pgfleet has them. Both sides connect straight
+    // to the servers, not through the testkit's fault-injection proxies.
+    let bare_r1 = baseline::pool(&cluster.replica(0).direct_url(), POOL)?;
+    let bare_r2 = baseline::pool(&cluster.replica(1).direct_url(), POOL)?;
+    let bare_primary = baseline::pool(&cluster.primary().direct_url(), POOL)?;
+    let bare_primary_read = baseline::pool(&cluster.primary().direct_url(), POOL)?;
     for p in [&bare_r1, &bare_r2, &bare_primary, &bare_primary_read] {
         baseline::warm(p, POOL).await?;
     }
@@ -383,7 +384,12 @@ fn rel(path: &Path) -> String {
 // Fleets and readers
 
 async fn start_fleet(cluster: &LocalCluster, single_replica: bool) -> Result<Fleet> {
-    let mut config = Config::from_toml_str(&cluster.pgfleet_toml())?;
+    // Straight to the servers, like the bare pools.
+    let mut toml = cluster.pgfleet_toml();
+    for node in cluster.nodes() {
+        toml = toml.replace(&node.url(), &node.direct_url());
+    }
+    let mut config = Config::from_toml_str(&toml)?;
     config.primary.pool_size = POOL;
     for r in &mut config.replicas {
         r.pool_size = POOL;
