@@ -22,7 +22,7 @@ use crate::shared::{Counters, ServerSlot, Shared};
 use crate::status::{ServerStatus, Status};
 use crate::supervisor::{Supervisor, SupervisorMsg};
 use crate::token::{Token, TokenError};
-use crate::topology::{select, PrimaryState, ReadNeed, Role, Topology};
+use crate::topology::{place_token, select, MaybeLost, PrimaryState, ReadNeed, Role, Topology};
 use tracing::Instrument;
 
 const TARGET: &str = "pgfleet::lease";
@@ -532,14 +532,26 @@ fn resolve_need(shared: &Shared, intent: Intent) -> Result<(Need, Option<TokenEr
             },
             Consistency::Eventual => Need::Read(ReadNeed::Eventual),
             Consistency::MaxStaleness(d) => Need::Read(ReadNeed::MaxStaleness(d)),
-            Consistency::AfterLsn(token) => match check_token(&shared.topology.load(), &token) {
-                Ok(()) => Need::Read(ReadNeed::After(token)),
-                Err(e @ TokenError::ForeignSystem { .. }) => {
-                    tracing::debug!(target: TARGET, error = %e, "ignoring token of another cluster");
-                    return Ok((Need::Read(ReadNeed::Eventual), Some(e)));
+            Consistency::AfterLsn(token) => {
+                let topo = shared.topology.load();
+                match check_token(&topo, &token) {
+                    Ok(()) => match place_token(topo.primary_timeline(), &topo.switches, &token) {
+                        Ok(placed) => Need::Read(ReadNeed::After(placed)),
+                        Err(MaybeLost { current }) => {
+                            return Err(Error::WriteMayBeLost {
+                                token_lsn: token.lsn(),
+                                token_timeline: token.timeline(),
+                                current_timeline: current,
+                            })
+                        }
+                    },
+                    Err(e @ TokenError::ForeignSystem { .. }) => {
+                        tracing::debug!(target: TARGET, error = %e, "ignoring token of another cluster");
+                        return Ok((Need::Read(ReadNeed::Eventual), Some(e)));
+                    }
+                    Err(e) => return Err(e.into()),
                 }
-                Err(e) => return Err(e.into()),
-            },
+            }
         },
     };
     Ok((need, None))

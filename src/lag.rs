@@ -51,6 +51,11 @@ impl TimeLag {
 }
 
 impl LagHistory {
+    /// How long samples are kept.
+    pub(crate) fn window(&self) -> Duration {
+        self.window
+    }
+
     /// An empty history keeping samples for `window`.
     pub(crate) fn new(window: Duration) -> Self {
         LagHistory {

@@ -124,6 +124,14 @@ struct Known {
     /// Lower bound of its replay delay at its last report: how long after the primary
     /// writes something this replica replays it. Drives probe scheduling for waiters.
     replay_delay: Duration,
+    /// Whether its last probe succeeded (a primary claim from a server whose last probe
+    /// failed does not make a split brain).
+    last_ok: bool,
+    /// Postmaster start of the last probe that showed it in recovery: if it shows up
+    /// as a primary with the same postmaster, it was promoted under our eyes and its
+    /// `pg_last_wal_replay_lsn()` is the switch point (after a crash restart it would be
+    /// the end of crash recovery instead, which is not).
+    standby_postmaster: Option<i64>,
 }
 
 /// Router actor state.
@@ -132,6 +140,11 @@ pub(crate) struct RouterState {
     shared: Arc<Shared>,
     servers: Vec<Known>,
     history: LagHistory,
+    /// The timeline `history` records positions of; a newer one starts it afresh (the
+    /// new primary's positions may be below the old one's lost tail).
+    history_timeline: Option<u32>,
+    /// Where each timeline began, learned from promoted primaries' probes.
+    switches: BTreeMap<u32, Lsn>,
     system_id: Option<u64>,
     waiters: BTreeMap<(Lsn, u64), Waiter>,
     seq: u64,
@@ -181,6 +194,8 @@ impl Actor for Router {
                     last_report_started: None,
                     weight: slot.weight,
                     replay_delay: Duration::ZERO,
+                    last_ok: false,
+                    standby_postmaster: None,
                 }
             })
             .collect();
@@ -195,6 +210,8 @@ impl Actor for Router {
             shared: shared.clone(),
             servers,
             history,
+            history_timeline: last.primary_timeline(),
+            switches: last.switches.iter().copied().collect(),
             waiters: BTreeMap::new(),
             seq: 0,
             expire_at: None,
@@ -319,6 +336,27 @@ impl RouterState {
                     k.void_at = None;
                 }
                 k.view.fresh = fresh && d.lsn.is_some();
+                k.last_ok = true;
+                if d.in_recovery {
+                    k.standby_postmaster = Some(d.postmaster_start_us);
+                } else {
+                    if let (Some(t), Some(at), true) = (
+                        d.timeline,
+                        d.timeline_start,
+                        k.standby_postmaster == Some(d.postmaster_start_us),
+                    ) {
+                        self.switches.entry(t).or_insert(at);
+                    }
+                    if d.timeline > self.history_timeline {
+                        // A promotion: the old primary's positions beyond the switch
+                        // point are not this history's.
+                        if self.history_timeline.is_some() {
+                            tracing::info!(target: TARGET, server = %self.shared.slots[r.idx].name, timeline = ?d.timeline, switch_point = ?d.timeline_start, "new timeline");
+                            self.history = LagHistory::new(self.history.window());
+                        }
+                        self.history_timeline = d.timeline;
+                    }
+                }
                 if let Some(l) = d.lsn {
                     if d.in_recovery {
                         k.rate.record(l, r.started);
@@ -330,6 +368,7 @@ impl RouterState {
                 k.view.replay_rate = k.rate.bytes_per_sec();
             }
             Err(_) => {
+                k.last_ok = false;
                 // Any connection error voids the cached position.
                 k.view.fresh = false;
                 k.void_at = Some(now);
@@ -342,16 +381,30 @@ impl RouterState {
     }
 
     fn primary_state(&self) -> PrimaryState {
-        let mut found = self
-            .servers
-            .iter()
-            .enumerate()
-            .filter(|(_, k)| k.view.health == Health::Healthy && k.view.role == Role::Primary)
-            .map(|(i, _)| i);
+        let claims = |ok_only: bool| {
+            self.servers
+                .iter()
+                .enumerate()
+                .filter(move |(_, k)| {
+                    k.view.health == Health::Healthy
+                        && k.view.role == Role::Primary
+                        && (k.last_ok || !ok_only)
+                })
+                .map(|(i, _)| i)
+        };
+        let mut found = claims(false);
         match (found.next(), found.next()) {
             (None, _) => PrimaryState::Missing,
             (Some(a), None) => PrimaryState::Known(a),
-            (Some(a), Some(b)) => PrimaryState::SplitBrain(a, b),
+            // Two claims: a server whose last probe failed (an old primary dying after
+            // a failover) is not a live claim; two live claims are a split brain.
+            (Some(a), Some(b)) => {
+                let mut live = claims(true);
+                match (live.next(), live.next()) {
+                    (Some(x), None) => PrimaryState::Known(x),
+                    _ => PrimaryState::SplitBrain(a, b),
+                }
+            }
         }
     }
 
@@ -429,6 +482,7 @@ impl RouterState {
             max_lag_bytes: self.shared.config.consistency.max_lag_bytes,
             max_lag: self.shared.config.consistency.max_lag,
             version: self.version,
+            switches: self.switches.iter().map(|(t, l)| (*t, *l)).collect(),
         };
         self.shared.publish(t);
     }

@@ -29,7 +29,8 @@ const PROBE_SQL: &str = "SELECT pg_is_in_recovery(), \
     (extract(epoch FROM pg_postmaster_start_time()) * 1000000)::int8, \
     (SELECT system_identifier FROM pg_control_system()), \
     CASE WHEN pg_is_in_recovery() THEN (SELECT received_tli FROM pg_stat_wal_receiver) \
-         ELSE ('x' || substr(pg_walfile_name(pg_current_wal_insert_lsn()), 1, 8))::bit(32)::int4 END";
+         ELSE ('x' || substr(pg_walfile_name(pg_current_wal_insert_lsn()), 1, 8))::bit(32)::int4 END, \
+    CASE WHEN NOT pg_is_in_recovery() THEN pg_last_wal_replay_lsn() END";
 
 /// Read once per probe connection.
 const SIZES_SQL: &str = "SELECT current_setting('wal_block_size')::int8, \
@@ -72,6 +73,10 @@ pub(crate) struct ProbeData {
     pub(crate) timeline: Option<u32>,
     /// `wal_block_size`, `wal_segment_size`.
     pub(crate) wal_sizes: (u64, u64),
+    /// On a primary promoted since its postmaster started: where its timeline began
+    /// (`pg_last_wal_replay_lsn()` stays at the end of recovery, which is the switch
+    /// point). `None` otherwise.
+    pub(crate) timeline_start: Option<Lsn>,
 }
 
 /// A finished probe, as the task hands it back.
@@ -375,6 +380,7 @@ fn parse_probe(
             .and_then(|t| u32::try_from(t).ok())
             .filter(|&t| t > 0),
         wal_sizes,
+        timeline_start: row.try_get(8).map_err(bad)?,
     })
 }
 

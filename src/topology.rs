@@ -156,6 +156,9 @@ pub(crate) struct Topology {
     pub(crate) max_lag: Duration,
     /// Bumped on every publish.
     pub(crate) version: u64,
+    /// Where each timeline began, as far as the fleet saw promotions: `(timeline,
+    /// switch point)`, ascending.
+    pub(crate) switches: Vec<(u32, Lsn)>,
 }
 
 /// What a read needs from the server that serves it.
@@ -182,6 +185,7 @@ impl Topology {
             max_lag_bytes,
             max_lag,
             version: 0,
+            switches: Vec::new(),
         }
     }
 
@@ -218,12 +222,53 @@ impl Topology {
         }
     }
 
+    /// The primary's current timeline, when a primary is known and probed.
+    pub(crate) fn primary_timeline(&self) -> Option<u32> {
+        self.primary_index().and_then(|p| self.servers[p].timeline)
+    }
+
     /// The primary's index, if exactly one is known.
     pub(crate) fn primary_index(&self) -> Option<usize> {
         match self.primary {
             PrimaryState::Known(i) => Some(i),
             _ => None,
         }
+    }
+}
+
+/// A token from an earlier timeline whose write may not be in the current history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct MaybeLost {
+    /// The primary's timeline.
+    pub(crate) current: u32,
+}
+
+/// Places `token` in the history of the primary's timeline `current` (DESIGN §3).
+///
+/// A token of the current timeline (or when no primary timeline is known) is used as
+/// is. A token of an earlier timeline `t` names a write the current history holds only
+/// if it is at or below the point where timeline `t + 1` branched off `t`; it is then
+/// rebased onto the current timeline (LSNs continue across a switch, so a server on the
+/// current timeline that replayed its position has the write). Above that point, or
+/// when the fleet never saw that switch point, the write may be lost: never guessed.
+pub(crate) fn place_token(
+    current: Option<u32>,
+    switches: &[(u32, Lsn)],
+    token: &Token,
+) -> Result<Token, MaybeLost> {
+    let Some(current) = current else {
+        return Ok(*token);
+    };
+    if token.timeline() >= current {
+        return Ok(*token);
+    }
+    let branched = switches
+        .iter()
+        .find(|(t, _)| *t == token.timeline() + 1)
+        .map(|(_, at)| *at);
+    match branched {
+        Some(at) if token.lsn() <= at => Ok(Token::new(token.system_id(), current, token.lsn())),
+        _ => Err(MaybeLost { current }),
     }
 }
 
@@ -435,5 +480,54 @@ mod tests {
         let seq = smooth_rr_sequence(&[u32::MAX, 1, 7]);
         assert!(seq.len() <= 1030);
         assert!(seq.contains(&1) && seq.contains(&2));
+    }
+
+    #[test]
+    fn tokens_are_placed_in_the_current_history() {
+        let sys = 7;
+        let t = |tli, lsn| Token::new(sys, tli, Lsn(lsn));
+        let switches = [(2, Lsn(1000)), (3, Lsn(5000))];
+        // Same timeline, or no primary known: as is.
+        assert_eq!(place_token(Some(2), &switches, &t(2, 9999)), Ok(t(2, 9999)));
+        assert_eq!(place_token(None, &switches, &t(1, 9999)), Ok(t(1, 9999)));
+        // At or below the branch point: rebased onto the current timeline.
+        assert_eq!(place_token(Some(2), &switches, &t(1, 1000)), Ok(t(2, 1000)));
+        assert_eq!(place_token(Some(3), &switches, &t(1, 10)), Ok(t(3, 10)));
+        assert_eq!(place_token(Some(3), &switches, &t(2, 5000)), Ok(t(3, 5000)));
+        // Above it: the write may be lost.
+        assert_eq!(
+            place_token(Some(2), &switches, &t(1, 1001)),
+            Err(MaybeLost { current: 2 })
+        );
+        assert_eq!(
+            place_token(Some(3), &switches, &t(2, 5001)),
+            Err(MaybeLost { current: 3 })
+        );
+        // A switch the fleet never saw: never guessed.
+        assert_eq!(
+            place_token(Some(5), &switches, &t(4, 1)),
+            Err(MaybeLost { current: 5 })
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn placed_tokens_are_on_the_current_timeline_or_refused(
+            tli in 1u32..6, current in 1u32..6, lsn in 0u64..10_000, at in 0u64..10_000,
+        ) {
+            let switches = [(tli + 1, Lsn(at))];
+            let token = Token::new(1, tli, Lsn(lsn));
+            match place_token(Some(current), &switches, &token) {
+                Ok(p) => {
+                    proptest::prop_assert_eq!(p.lsn(), token.lsn());
+                    proptest::prop_assert!(p.timeline() == current.max(tli));
+                    proptest::prop_assert!(tli >= current || lsn <= at);
+                }
+                Err(MaybeLost { current: c }) => {
+                    proptest::prop_assert_eq!(c, current);
+                    proptest::prop_assert!(tli < current && lsn > at);
+                }
+            }
+        }
     }
 }

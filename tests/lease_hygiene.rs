@@ -1,4 +1,5 @@
-//! Lease hygiene (DESIGN §3): a read that falls back to the primary cannot write there;
+//! Lease hygiene (DESIGN §3): a read that falls back to the primary cannot write there
+//! (and the refusal re-probes the server);
 //! a connection released inside an open or failed transaction is never handed to the
 //! next lease with that transaction still open; a lease derefs mutably, so
 //! `transaction()` works.
@@ -28,6 +29,7 @@ async fn read_fallback_to_primary_is_read_only() -> anyhow::Result<()> {
     let r = fleet.lease(Intent::read()).await?;
     assert!(r.is_fallback(), "no replicas: a read falls back");
     assert_eq!((r.role(), r.server()), (Role::Primary, "primary"));
+    let probes_before = fleet.status().wait_probes;
     let err = r
         .execute(&format!("INSERT INTO {table} VALUES (1)"), &[])
         .await
@@ -45,6 +47,14 @@ async fn read_fallback_to_primary_is_read_only() -> anyhow::Result<()> {
         .get(0);
     assert_eq!(n, 0);
     drop(r);
+    // A refusal with SQLSTATE 25006 may mean the server's role changed: releasing the
+    // lease asks for an immediate probe of it.
+    common::wait_for(
+        "a re-probe after the read-only refusal",
+        Duration::from_secs(5),
+        || async { fleet.status().wait_probes > probes_before },
+    )
+    .await;
 
     let w = fleet.lease(Intent::Write).await?;
     assert!(!w.is_fallback());

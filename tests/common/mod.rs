@@ -55,6 +55,27 @@ where
     }
 }
 
+/// Retries `op` every 10 ms until it succeeds or 10 s pass; returns its value, or panics
+/// with the last error.
+pub async fn wait_for_ok<T, E, F, Fut>(what: &str, mut op: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+    E: std::fmt::Debug,
+{
+    let timeout = Duration::from_secs(10);
+    let start = Instant::now();
+    loop {
+        match op().await {
+            Ok(v) => return v,
+            Err(e) if start.elapsed() >= timeout => {
+                panic!("timed out after {timeout:?} waiting for {what}; last error: {e:?}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}
+
 /// Installs a tracing subscriber once (RUST_LOG controls it; quiet by default).
 pub fn trace() {
     let _ = tracing_subscriber::fmt()
