@@ -19,6 +19,7 @@
 //! Passwords never appear in `Debug`, `Display`, serialized output or errors:
 //! [`ServerUrl`] keeps only a redacted copy of its text for display.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -64,6 +65,50 @@ pub struct Config {
     /// Default: none (every lease goes to the primary).
     #[serde(default)]
     pub replicas: Vec<ReplicaConfig>,
+    /// `[clusters.NAME]`: more clusters served by the same fleet (one per tenant, say),
+    /// each with its own `primary` and `replicas`; `[fleet]` and `[consistency]` apply
+    /// to every cluster. The top-level `[primary]`/`[[replicas]]` is the cluster named
+    /// [`DEFAULT_CLUSTER`]. Reach the others with [`crate::Fleet::cluster`].
+    /// Default: none.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub clusters: BTreeMap<String, ClusterConfig>,
+}
+
+/// The name of the cluster the top-level `[primary]` and `[[replicas]]` describe.
+pub const DEFAULT_CLUSTER: &str = "default";
+
+/// `[clusters.NAME]`: one more cluster's servers.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[non_exhaustive]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// `[clusters.NAME.primary]`: as the top-level `[primary]`. Required.
+    pub primary: PrimaryConfig,
+    /// `[[clusters.NAME.replicas]]`: as the top-level `[[replicas]]`. Default: none.
+    #[serde(default)]
+    pub replicas: Vec<ReplicaConfig>,
+}
+
+impl ClusterConfig {
+    /// A cluster with this primary and no replicas.
+    pub fn new(primary: PrimaryConfig) -> Self {
+        ClusterConfig {
+            primary,
+            replicas: Vec::new(),
+        }
+    }
+}
+
+/// What [`crate::Fleet::cluster`] does with a name no `[clusters.NAME]` section has.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum UnknownCluster {
+    /// `Error::UnknownCluster`. The default.
+    #[default]
+    Error,
+    /// The default cluster (the top-level `[primary]`).
+    Default,
 }
 
 /// `[fleet]`: timeouts, health checking, load balancing and restarts.
@@ -123,6 +168,10 @@ pub struct FleetConfig {
     /// before it stops them anyway. Default: `5s`.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// What `fleet.cluster(name)` does with a name no `[clusters.NAME]` section has:
+    /// `"error"` (`Error::UnknownCluster`) or `"default"` (the top-level cluster).
+    /// Default: `"error"`.
+    pub unknown_cluster: UnknownCluster,
 }
 
 impl Default for FleetConfig {
@@ -141,6 +190,7 @@ impl Default for FleetConfig {
             slow_start: Duration::ZERO,
             max_waiters: 1024,
             shutdown_timeout: Duration::from_secs(5),
+            unknown_cluster: UnknownCluster::Error,
         }
     }
 }
@@ -335,7 +385,24 @@ impl Config {
             consistency: ConsistencyConfig::default(),
             primary,
             replicas: Vec::new(),
+            clusters: BTreeMap::new(),
         }
+    }
+
+    /// The single-cluster configuration of cluster `name` ([`DEFAULT_CLUSTER`] for the
+    /// top-level servers): its servers, with this configuration's `[fleet]` and
+    /// `[consistency]`. `None` for a name no section has.
+    pub fn cluster(&self, name: &str) -> Option<Config> {
+        let mut one = Config {
+            clusters: BTreeMap::new(),
+            ..self.clone()
+        };
+        if name != DEFAULT_CLUSTER {
+            let c = self.clusters.get(name)?;
+            one.primary = c.primary.clone();
+            one.replicas = c.replicas.clone();
+        }
+        Some(one)
     }
 
     /// Reads, parses and validates the TOML file at `path`.
@@ -398,43 +465,70 @@ impl Config {
         self.fleet.validate()?;
         self.consistency.validate(&self.fleet)?;
 
-        let primary = &self.primary;
-        check_name("primary.name", &primary.name)?;
-        check_url("primary.url", &primary.url)?;
-        check_pool_size("primary.pool_size", primary.pool_size)?;
-        check_weight("primary.read_weight", primary.read_weight)?;
-
-        for (i, replica) in self.replicas.iter().enumerate() {
-            let key = |field: &str| format!("replicas[{i}].{field}");
-            check_name(&key("name"), &replica.name)?;
-            let mut earlier =
-                std::iter::once(&primary.name).chain(self.replicas[..i].iter().map(|r| &r.name));
-            if let Some(j) = earlier.position(|name| *name == replica.name) {
-                let other_key = match j {
-                    0 => "primary.name".to_owned(),
-                    j => format!("replicas[{}].name", j - 1),
-                };
+        validate_servers("", &self.primary, &self.replicas)?;
+        for (name, c) in &self.clusters {
+            let key = format!("clusters.{name}");
+            if name.is_empty()
+                || name == DEFAULT_CLUSTER
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
                 return Err(invalid(
-                    key("name"),
+                    key,
                     format!(
-                        "server name `{}` is already used by {other_key}; names must be unique",
-                        replica.name
+                        "cluster names are letters, digits, `_` and `-`, and `{DEFAULT_CLUSTER}` \
+                         is the top-level cluster's"
                     ),
                 ));
             }
-            check_url(&key("url"), &replica.url)?;
-            check_pool_size(&key("pool_size"), replica.pool_size)?;
-            check_weight(&key("weight"), replica.weight)?;
-        }
-
-        if !self.replicas.is_empty() && self.replicas.iter().all(|r| r.weight == 0) {
-            return Err(invalid(
-                "replicas[*].weight",
-                "every replica has weight 0, so none would serve reads; give at least one a weight above 0",
-            ));
+            validate_servers(&format!("{key}."), &c.primary, &c.replicas)?;
         }
         Ok(())
     }
+}
+
+/// Checks one cluster's servers; keys are prefixed with `prefix` (`""` or `clusters.NAME.`).
+fn validate_servers(
+    prefix: &str,
+    primary: &PrimaryConfig,
+    replicas: &[ReplicaConfig],
+) -> Result<(), ConfigError> {
+    check_name(&format!("{prefix}primary.name"), &primary.name)?;
+    check_url(&format!("{prefix}primary.url"), &primary.url)?;
+    check_pool_size(&format!("{prefix}primary.pool_size"), primary.pool_size)?;
+    check_weight(&format!("{prefix}primary.read_weight"), primary.read_weight)?;
+
+    for (i, replica) in replicas.iter().enumerate() {
+        let key = |field: &str| format!("{prefix}replicas[{i}].{field}");
+        check_name(&key("name"), &replica.name)?;
+        let mut earlier =
+            std::iter::once(&primary.name).chain(replicas[..i].iter().map(|r| &r.name));
+        if let Some(j) = earlier.position(|name| *name == replica.name) {
+            let other_key = match j {
+                0 => format!("{prefix}primary.name"),
+                j => format!("{prefix}replicas[{}].name", j - 1),
+            };
+            return Err(invalid(
+                key("name"),
+                format!(
+                    "server name `{}` is already used by {other_key}; names must be unique",
+                    replica.name
+                ),
+            ));
+        }
+        check_url(&key("url"), &replica.url)?;
+        check_pool_size(&key("pool_size"), replica.pool_size)?;
+        check_weight(&key("weight"), replica.weight)?;
+    }
+
+    if !replicas.is_empty() && replicas.iter().all(|r| r.weight == 0) {
+        return Err(invalid(
+            format!("{prefix}replicas[*].weight"),
+            "every replica has weight 0, so none would serve reads; give at least one a weight above 0",
+        ));
+    }
+    Ok(())
 }
 
 impl FleetConfig {

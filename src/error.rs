@@ -136,6 +136,13 @@ pub enum Error {
         /// What is wrong with it (empty, longer than 63 bytes, contains a NUL byte).
         reason: &'static str,
     },
+    /// `fleet.cluster(name)` for a name no `[clusters.NAME]` section has (and
+    /// `fleet.unknown_cluster = "error"`).
+    #[error("no cluster named {name:?} in the configuration")]
+    UnknownCluster {
+        /// The name asked for.
+        name: String,
+    },
     /// The actor system failed in a way that should not happen (a bug); the message says where.
     #[error("internal error: {0}")]
     Internal(String),
@@ -177,6 +184,7 @@ impl Error {
             Error::Connect { .. } => "Connect",
             Error::Postgres { .. } => "Postgres",
             Error::InvalidChannel { .. } => "InvalidChannel",
+            Error::UnknownCluster { .. } => "UnknownCluster",
             Error::Internal(_) => "Internal",
         }
     }
@@ -262,6 +270,7 @@ mod tests {
                 channel: String::new(),
                 reason: "empty",
             },
+            Error::UnknownCluster { name: "x".into() },
             Error::Internal("bug".into()),
         ];
         for e in &errors {

@@ -10,7 +10,7 @@ use deadpool::managed::{PoolError, TimeoutType, Timeouts};
 use ractor::{Actor, ActorRef};
 use tokio::sync::Notify;
 
-use crate::config::{Config, DefaultRead, Fallback};
+use crate::config::{Config, DefaultRead, Fallback, UnknownCluster, DEFAULT_CLUSTER};
 use crate::conn::NetOptions;
 use crate::error::Error;
 use crate::lease::{Consistency, Intent, Lease};
@@ -52,10 +52,64 @@ impl std::fmt::Debug for Fleet {
     }
 }
 
-/// Stops the supervisor when the last `Fleet` handle goes away.
+/// Stops the supervisor when the last `Fleet` handle (of any cluster) goes away; holds
+/// the cluster registry.
 #[derive(Debug)]
 struct TreeGuard {
     supervisor: ActorRef<SupervisorMsg>,
+    /// Every cluster, sorted by name.
+    clusters: Box<[(Box<str>, Arc<Shared>)]>,
+    /// Index of [`DEFAULT_CLUSTER`] in `clusters`.
+    default: usize,
+    /// What `Fleet::cluster` does with an unknown name.
+    unknown: UnknownCluster,
+}
+
+/// One cluster's shared state, its actors not started yet.
+fn build_shared(cluster: &str, config: Config) -> Shared {
+    let mut slots = Vec::with_capacity(1 + config.replicas.len());
+    let p = &config.primary;
+    slots.push(ServerSlot::new(
+        cluster,
+        &p.name,
+        p.url.clone(),
+        p.pool_size,
+        p.read_weight,
+    ));
+    for r in &config.replicas {
+        slots.push(ServerSlot::new(
+            cluster,
+            &r.name,
+            r.url.clone(),
+            r.pool_size,
+            r.weight,
+        ));
+    }
+    let weights: Vec<u32> = slots.iter().map(|s| s.weight).collect();
+    let topology = Topology::initial(
+        &weights,
+        config.consistency.max_lag_bytes,
+        config.consistency.max_lag,
+    );
+    let net = NetOptions {
+        connect_timeout: config.fleet.connect_timeout,
+        tcp_keepalive: config.fleet.tcp_keepalive,
+        tcp_user_timeout: config.fleet.tcp_user_timeout,
+    };
+    Shared {
+        cluster: cluster.into(),
+        config,
+        net,
+        slots,
+        topology: ArcSwap::from_pointee(topology),
+        changed: Notify::new(),
+        router: ArcSwapOption::empty(),
+        listen: Arc::default(),
+        rr: AtomicUsize::new(0),
+        shutting_down: AtomicBool::new(false),
+        drained: Notify::new(),
+        counters: Counters::default(),
+    }
 }
 
 impl Drop for TreeGuard {
@@ -75,53 +129,73 @@ impl Fleet {
     /// system cannot start. An unreachable server is not an error.
     pub async fn start(config: Config) -> Result<Fleet, Error> {
         config.validate()?;
-        let mut slots = Vec::with_capacity(1 + config.replicas.len());
-        let p = &config.primary;
-        slots.push(ServerSlot::new(
-            &p.name,
-            p.url.clone(),
-            p.pool_size,
-            p.read_weight,
-        ));
-        for r in &config.replicas {
-            slots.push(ServerSlot::new(
-                &r.name,
-                r.url.clone(),
-                r.pool_size,
-                r.weight,
-            ));
+        // The registry is fixed here: sorted by name for lock-free lookups.
+        let mut names: Vec<&str> = std::iter::once(DEFAULT_CLUSTER)
+            .chain(config.clusters.keys().map(String::as_str))
+            .collect();
+        names.sort_unstable();
+        let mut clusters = Vec::with_capacity(names.len());
+        for name in names {
+            let one = config.cluster(name).ok_or_else(|| {
+                Error::Internal(format!("cluster {name} vanished from the config"))
+            })?;
+            clusters.push((Box::<str>::from(name), Arc::new(build_shared(name, one))));
         }
-        let weights: Vec<u32> = slots.iter().map(|s| s.weight).collect();
-        let topology = Topology::initial(
-            &weights,
-            config.consistency.max_lag_bytes,
-            config.consistency.max_lag,
-        );
-        let net = NetOptions {
-            connect_timeout: config.fleet.connect_timeout,
-            tcp_keepalive: config.fleet.tcp_keepalive,
-            tcp_user_timeout: config.fleet.tcp_user_timeout,
-        };
-        let shared = Arc::new(Shared {
-            config,
-            net,
-            slots,
-            topology: ArcSwap::from_pointee(topology),
-            changed: Notify::new(),
-            router: ArcSwapOption::empty(),
-            listen: Arc::default(),
-            rr: AtomicUsize::new(0),
-            shutting_down: AtomicBool::new(false),
-            drained: Notify::new(),
-            counters: Counters::default(),
-        });
-        let (supervisor, _) = Actor::spawn(None, Supervisor, shared.clone())
-            .await
-            .map_err(|e| Error::Internal(format!("starting the supervisor: {e}")))?;
+        let (supervisor, _) = Actor::spawn(
+            None,
+            Supervisor,
+            clusters.iter().map(|(_, s)| s.clone()).collect(),
+        )
+        .await
+        .map_err(|e| Error::Internal(format!("starting the supervisor: {e}")))?;
+        let default = clusters
+            .iter()
+            .position(|(n, _)| &**n == DEFAULT_CLUSTER)
+            .ok_or_else(|| Error::Internal("no default cluster".into()))?;
         Ok(Fleet {
-            shared,
-            guard: Arc::new(TreeGuard { supervisor }),
+            shared: clusters[default].1.clone(),
+            guard: Arc::new(TreeGuard {
+                supervisor,
+                clusters: clusters.into(),
+                default,
+                unknown: config.fleet.unknown_cluster,
+            }),
         })
+    }
+
+    /// The handle of cluster `name` (`[clusters.NAME]`; [`DEFAULT_CLUSTER`] is the
+    /// top-level `[primary]`): same supervisor, same lifetime, its own servers, router,
+    /// topology and listener. A lookup in a registry fixed at start, without locks.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownCluster`] for a name no section has, unless
+    /// `fleet.unknown_cluster = "default"`, which returns the default cluster instead.
+    pub fn cluster(&self, name: &str) -> Result<Fleet, Error> {
+        let g = &self.guard;
+        let i = match g.clusters.binary_search_by(|(n, _)| (**n).cmp(name)) {
+            Ok(i) => i,
+            Err(_) if g.unknown == UnknownCluster::Default => g.default,
+            Err(_) => {
+                return Err(Error::UnknownCluster {
+                    name: name.to_owned(),
+                })
+            }
+        };
+        Ok(Fleet {
+            shared: g.clusters[i].1.clone(),
+            guard: g.clone(),
+        })
+    }
+
+    /// This handle's cluster name ([`DEFAULT_CLUSTER`] for the top-level servers).
+    pub fn cluster_name(&self) -> &str {
+        &self.shared.cluster
+    }
+
+    /// Every cluster's name, sorted.
+    pub fn cluster_names(&self) -> impl Iterator<Item = &str> {
+        self.guard.clusters.iter().map(|(n, _)| &**n)
     }
 
     /// Waits until every server has been probed once (successfully or not) and a
@@ -279,23 +353,28 @@ impl Fleet {
     /// leases fail with [`Error::ShuttingDown`]. Returns how many leases were still out
     /// when it gave up waiting.
     pub async fn shutdown(&self) -> u64 {
-        self.shared.shutting_down.store(true, Ordering::Release);
-        self.shared.changed.notify_waiters();
+        let clusters = || self.guard.clusters.iter().map(|(_, s)| s);
+        for s in clusters() {
+            s.shutting_down.store(true, Ordering::Release);
+            s.changed.notify_waiters();
+        }
         let deadline = Instant::now() + self.shared.config.fleet.shutdown_timeout;
-        loop {
-            let notified = self.shared.drained.notified();
-            if self.shared.in_flight() == 0 {
-                break;
-            }
-            if tokio::time::timeout_at(deadline.into(), notified)
-                .await
-                .is_err()
-            {
-                break;
+        for s in clusters() {
+            loop {
+                let notified = s.drained.notified();
+                if s.in_flight() == 0 {
+                    break;
+                }
+                if tokio::time::timeout_at(deadline.into(), notified)
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
             }
         }
-        let left = self.shared.in_flight();
-        for slot in &self.shared.slots {
+        let left = clusters().map(|s| s.in_flight()).sum();
+        for slot in clusters().flat_map(|s| s.slots.iter()) {
             if let Some(p) = slot.pools.load().as_ref() {
                 p.close();
             }
@@ -443,12 +522,12 @@ pub(crate) async fn lease_on(
     session: Option<Arc<SessionInner>>,
 ) -> Result<Lease, Error> {
     if shared.is_shutting_down() {
-        metrics::lease_error(Need::label_of(intent), "ShuttingDown");
+        metrics::lease_error(&shared.cluster, Need::label_of(intent), "ShuttingDown");
         return Err(Error::ShuttingDown);
     }
     let start = Instant::now();
     let (need, ignored_token) = resolve_need(shared, intent).inspect_err(|e| {
-        metrics::lease_error(Need::label_of(intent), e.kind());
+        metrics::lease_error(&shared.cluster, Need::label_of(intent), e.kind());
     })?;
     // The common case, decided from the snapshot with one timer-free checkout. Its future
     // stays small; everything that may wait lives in `lease_slow`, boxed, off this path.
@@ -650,7 +729,7 @@ async fn lease_slow(
     .instrument(span)
     .await;
     if let Err(e) = &r {
-        metrics::lease_error(need.label(), e.kind());
+        metrics::lease_error(&shared.cluster, need.label(), e.kind());
     }
     r
 }
@@ -708,7 +787,7 @@ async fn lease_wait(
                                     }
                                     _ => WaitOutcome::Primary,
                                 };
-                                metrics::ryw_wait(outcome, asked.elapsed());
+                                metrics::ryw_wait(&shared.cluster, outcome, asked.elapsed());
                                 reply
                             }
                             _ => fallback_estimate(&topo, &rn),

@@ -139,8 +139,9 @@ mod token;
 mod topology;
 
 pub use config::{
-    Config, ConfigError, ConsistencyConfig, DefaultRead, Fallback, FleetConfig, PrimaryConfig,
-    ReplicaConfig, RestartConfig, ServerUrl, Strategy,
+    ClusterConfig, Config, ConfigError, ConsistencyConfig, DefaultRead, Fallback, FleetConfig,
+    PrimaryConfig, ReplicaConfig, RestartConfig, ServerUrl, Strategy, UnknownCluster,
+    DEFAULT_CLUSTER,
 };
 pub use error::Error;
 pub use fleet::Fleet;

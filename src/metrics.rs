@@ -108,28 +108,28 @@ mod imp {
     }
 
     impl ServerMetrics {
-        pub(crate) fn new(server: &Arc<str>) -> Self {
-            let s = server.to_string();
-            let lease = |intent: IntentLabel, outcome: &'static str| counter!("pgfleet_leases_total", "server" => s.clone(), "intent" => intent.as_str(), "outcome" => outcome);
+        pub(crate) fn new(cluster: &str, server: &Arc<str>) -> Self {
+            let (c, s) = (cluster.to_string(), server.to_string());
+            let lease = |intent: IntentLabel, outcome: &'static str| counter!("pgfleet_leases_total", "cluster" => c.clone(), "server" => s.clone(), "intent" => intent.as_str(), "outcome" => outcome);
             let leases = IntentLabel::ALL.map(|i| [lease(i, "granted"), lease(i, "fallback")]);
-            let pool = |pool: &'static str, state: &'static str| gauge!("pgfleet_pool_connections", "server" => s.clone(), "pool" => pool, "state" => state);
+            let pool = |pool: &'static str, state: &'static str| gauge!("pgfleet_pool_connections", "cluster" => c.clone(), "server" => s.clone(), "pool" => pool, "state" => state);
             ServerMetrics {
                 leases,
-                probe_ok: counter!("pgfleet_probes_total", "server" => s.clone(), "outcome" => "ok"),
-                probe_failed: counter!("pgfleet_probes_total", "server" => s.clone(), "outcome" => "error"),
-                probe_seconds: histogram!("pgfleet_probe_duration_seconds", "server" => s.clone()),
-                lag_bytes: gauge!("pgfleet_replica_lag_bytes", "server" => s.clone()),
-                lag_seconds: gauge!("pgfleet_replica_lag_seconds", "server" => s.clone()),
-                healthy: gauge!("pgfleet_server_healthy", "server" => s.clone()),
-                primary: gauge!("pgfleet_server_is_primary", "server" => s.clone()),
-                in_flight: gauge!("pgfleet_leases_in_flight", "server" => s.clone()),
+                probe_ok: counter!("pgfleet_probes_total", "cluster" => c.clone(), "server" => s.clone(), "outcome" => "ok"),
+                probe_failed: counter!("pgfleet_probes_total", "cluster" => c.clone(), "server" => s.clone(), "outcome" => "error"),
+                probe_seconds: histogram!("pgfleet_probe_duration_seconds", "cluster" => c.clone(), "server" => s.clone()),
+                lag_bytes: gauge!("pgfleet_replica_lag_bytes", "cluster" => c.clone(), "server" => s.clone()),
+                lag_seconds: gauge!("pgfleet_replica_lag_seconds", "cluster" => c.clone(), "server" => s.clone()),
+                healthy: gauge!("pgfleet_server_healthy", "cluster" => c.clone(), "server" => s.clone()),
+                primary: gauge!("pgfleet_server_is_primary", "cluster" => c.clone(), "server" => s.clone()),
+                in_flight: gauge!("pgfleet_leases_in_flight", "cluster" => c.clone(), "server" => s.clone()),
                 pool: [
                     pool("read", "in_use"),
                     pool("read", "idle"),
                     pool("write", "in_use"),
                     pool("write", "idle"),
                 ],
-                restarts: counter!("pgfleet_server_restarts_total", "server" => s),
+                restarts: counter!("pgfleet_server_restarts_total", "cluster" => c, "server" => s),
             }
         }
 
@@ -175,19 +175,19 @@ mod imp {
         }
     }
 
-    pub(crate) fn lease_error(intent: IntentLabel, kind: &'static str) {
-        counter!("pgfleet_lease_errors_total", "intent" => intent.as_str(), "error" => kind)
+    pub(crate) fn lease_error(cluster: &Arc<str>, intent: IntentLabel, kind: &'static str) {
+        counter!("pgfleet_lease_errors_total", "cluster" => cluster.to_string(), "intent" => intent.as_str(), "error" => kind)
             .increment(1);
     }
 
-    pub(crate) fn ryw_wait(outcome: WaitOutcome, waited: Duration) {
-        counter!("pgfleet_ryw_waits_total", "outcome" => outcome.as_str()).increment(1);
-        histogram!("pgfleet_ryw_wait_seconds", "outcome" => outcome.as_str())
+    pub(crate) fn ryw_wait(cluster: &Arc<str>, outcome: WaitOutcome, waited: Duration) {
+        counter!("pgfleet_ryw_waits_total", "cluster" => cluster.to_string(), "outcome" => outcome.as_str()).increment(1);
+        histogram!("pgfleet_ryw_wait_seconds", "cluster" => cluster.to_string(), "outcome" => outcome.as_str())
             .record(waited.as_secs_f64());
     }
 
-    pub(crate) fn actor_restarted(actor: &'static str) {
-        counter!("pgfleet_actor_restarts_total", "actor" => actor).increment(1);
+    pub(crate) fn actor_restarted(cluster: &Arc<str>, actor: &'static str) {
+        counter!("pgfleet_actor_restarts_total", "cluster" => cluster.to_string(), "actor" => actor).increment(1);
     }
 }
 
@@ -203,7 +203,7 @@ mod imp {
 
     impl ServerMetrics {
         #[inline(always)]
-        pub(crate) fn new(_: &Arc<str>) -> Self {
+        pub(crate) fn new(_: &str, _: &Arc<str>) -> Self {
             ServerMetrics
         }
         #[inline(always)]
@@ -219,11 +219,11 @@ mod imp {
     }
 
     #[inline(always)]
-    pub(crate) fn lease_error(_: IntentLabel, _: &'static str) {}
+    pub(crate) fn lease_error(_: &Arc<str>, _: IntentLabel, _: &'static str) {}
     #[inline(always)]
-    pub(crate) fn ryw_wait(_: WaitOutcome, _: Duration) {}
+    pub(crate) fn ryw_wait(_: &Arc<str>, _: WaitOutcome, _: Duration) {}
     #[inline(always)]
-    pub(crate) fn actor_restarted(_: &'static str) {}
+    pub(crate) fn actor_restarted(_: &Arc<str>, _: &'static str) {}
 }
 
 pub(crate) use imp::{actor_restarted, lease_error, ryw_wait, ServerMetrics};

@@ -70,10 +70,16 @@ pub(crate) struct ServerSlot {
 }
 
 impl ServerSlot {
-    pub(crate) fn new(name: &str, url: ServerUrl, pool_size: usize, weight: u32) -> Self {
+    pub(crate) fn new(
+        cluster: &str,
+        name: &str,
+        url: ServerUrl,
+        pool_size: usize,
+        weight: u32,
+    ) -> Self {
         let name: Arc<str> = name.into();
         ServerSlot {
-            metrics: ServerMetrics::new(&name),
+            metrics: ServerMetrics::new(cluster, &name),
             name,
             url,
             pool_size,
@@ -137,7 +143,9 @@ pub(crate) struct Counters {
 /// Everything the handles, leases and actors share.
 #[derive(Debug)]
 pub(crate) struct Shared {
-    /// The validated configuration.
+    /// The cluster's name (`default` for the top-level servers).
+    pub(crate) cluster: Arc<str>,
+    /// The validated configuration of this cluster alone.
     pub(crate) config: Config,
     /// Socket settings derived from it.
     pub(crate) net: NetOptions,

@@ -1,7 +1,8 @@
-//! The supervisor: spawns the router, one server actor per server and the LISTEN/NOTIFY
-//! listener, linked to itself, and restarts whichever fails — servers and the listener
-//! after an exponential backoff with jitter (through a timer message, never by sleeping
-//! in the supervision handler), the router at once.
+//! The supervisor: one for the whole fleet. For every cluster it spawns the router, one
+//! server actor per server and the LISTEN/NOTIFY listener, linked to itself, and
+//! restarts whichever fails — servers and listeners after an exponential backoff with
+//! jitter (through a timer message, never by sleeping in the supervision handler),
+//! routers at once.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -17,15 +18,15 @@ use crate::shared::Shared;
 
 const TARGET: &str = "pgfleet::supervisor";
 
-/// Messages to the supervisor.
+/// Messages to the supervisor. `c` is a cluster's index in the supervisor's list.
 #[derive(Debug)]
 pub(crate) enum SupervisorMsg {
-    /// Backoff elapsed: start server `idx` again.
-    RestartServer(usize),
-    /// Start the router again.
-    RestartRouter,
-    /// Backoff elapsed: start the LISTEN/NOTIFY listener again.
-    RestartListener,
+    /// Backoff elapsed: start server `idx` of cluster `c` again.
+    RestartServer(usize, usize),
+    /// Start cluster `c`'s router again.
+    RestartRouter(usize),
+    /// Backoff elapsed: start cluster `c`'s LISTEN/NOTIFY listener again.
+    RestartListener(usize),
     /// Stop every child and then the supervisor.
     Shutdown,
 }
@@ -39,14 +40,39 @@ struct Child {
     started: Instant,
 }
 
-/// Supervisor state.
+impl Child {
+    fn new(cell: ActorCell) -> Self {
+        Child {
+            cell: Some(cell),
+            backoff: Backoff::default(),
+            started: Instant::now(),
+        }
+    }
+
+    /// The backoff before restarting this child, which stayed up since `started`.
+    fn restart_delay(&mut self, cfg: &crate::config::RestartConfig) -> Duration {
+        self.backoff.next_delay(Some(self.started.elapsed()), cfg)
+    }
+
+    fn is(&self, id: ractor::ActorId) -> bool {
+        self.cell.as_ref().is_some_and(|c| c.get_id() == id)
+    }
+}
+
+/// One cluster's actors.
 #[derive(Debug)]
-pub(crate) struct SupervisorState {
+struct Cluster {
     shared: Arc<Shared>,
     servers: Vec<Child>,
     router: Option<ActorCell>,
     /// The LISTEN/NOTIFY listener (restarted with backoff, like a server).
     listener: Child,
+}
+
+/// Supervisor state.
+#[derive(Debug)]
+pub(crate) struct SupervisorState {
+    clusters: Vec<Cluster>,
     stopping: bool,
 }
 
@@ -57,43 +83,41 @@ pub(crate) struct Supervisor;
 impl Actor for Supervisor {
     type Msg = SupervisorMsg;
     type State = SupervisorState;
-    type Arguments = Arc<Shared>;
+    type Arguments = Vec<Arc<Shared>>;
 
     async fn pre_start(
         &self,
         myself: ActorRef<SupervisorMsg>,
-        shared: Arc<Shared>,
+        clusters: Vec<Arc<Shared>>,
     ) -> Result<SupervisorState, ActorProcessingErr> {
-        // Router first, so the servers' first reports have somewhere to go.
-        let (router, _) =
-            Actor::spawn_linked(None, Router, shared.clone(), myself.get_cell()).await?;
-        let mut servers = Vec::with_capacity(shared.slots.len());
-        for idx in 0..shared.slots.len() {
-            let args = ServerArgs {
-                shared: shared.clone(),
-                idx,
-                restarts: 0,
-            };
-            // Server pre_start does no I/O, so this cannot fail on an unreachable server.
-            let (s, _) = Actor::spawn_linked(None, Server, args, myself.get_cell()).await?;
-            servers.push(Child {
-                cell: Some(s.get_cell()),
-                backoff: Backoff::default(),
-                started: Instant::now(),
+        let mut out = Vec::with_capacity(clusters.len());
+        for shared in clusters {
+            // Router first, so the servers' first reports have somewhere to go.
+            let (router, _) =
+                Actor::spawn_linked(None, Router, shared.clone(), myself.get_cell()).await?;
+            let mut servers = Vec::with_capacity(shared.slots.len());
+            for idx in 0..shared.slots.len() {
+                let args = ServerArgs {
+                    shared: shared.clone(),
+                    idx,
+                    restarts: 0,
+                };
+                // Server pre_start does no I/O, so this cannot fail on an unreachable server.
+                let (s, _) = Actor::spawn_linked(None, Server, args, myself.get_cell()).await?;
+                servers.push(Child::new(s.get_cell()));
+            }
+            // Listener pre_start does no I/O either: it connects after start.
+            let (listener, _) =
+                Actor::spawn_linked(None, Listener, shared.clone(), myself.get_cell()).await?;
+            out.push(Cluster {
+                shared,
+                servers,
+                router: Some(router.get_cell()),
+                listener: Child::new(listener.get_cell()),
             });
         }
-        // Listener pre_start does no I/O either: it connects after start.
-        let (listener, _) =
-            Actor::spawn_linked(None, Listener, shared.clone(), myself.get_cell()).await?;
         Ok(SupervisorState {
-            shared,
-            servers,
-            router: Some(router.get_cell()),
-            listener: Child {
-                cell: Some(listener.get_cell()),
-                backoff: Backoff::default(),
-                started: Instant::now(),
-            },
+            clusters: out,
             stopping: false,
         })
     }
@@ -104,19 +128,25 @@ impl Actor for Supervisor {
         msg: SupervisorMsg,
         state: &mut SupervisorState,
     ) -> Result<(), ActorProcessingErr> {
+        if state.stopping {
+            return Ok(());
+        }
         match msg {
-            SupervisorMsg::RestartServer(idx) if !state.stopping => {
-                let slot = &state.shared.slots[idx];
+            SupervisorMsg::RestartServer(c, idx) => {
+                let Some(cluster) = state.clusters.get_mut(c) else {
+                    return Ok(());
+                };
+                let slot = &cluster.shared.slots[idx];
                 let restarts = slot.restarts.load(Ordering::Acquire);
                 let args = ServerArgs {
-                    shared: state.shared.clone(),
+                    shared: cluster.shared.clone(),
                     idx,
                     restarts,
                 };
                 match Actor::spawn_linked(None, Server, args, myself.get_cell()).await {
                     Ok((s, _)) => {
                         slot.restarting.store(false, Ordering::Release);
-                        let child = &mut state.servers[idx];
+                        let child = &mut cluster.servers[idx];
                         child.cell = Some(s.get_cell());
                         child.started = Instant::now();
                         tracing::info!(target: TARGET, server = %slot.name, restarts, "server actor restarted");
@@ -124,60 +154,67 @@ impl Actor for Supervisor {
                     Err(e) => {
                         // pre_start does no I/O; still, never give up silently.
                         slot.set_error(format!("restart failed: {e}"));
-                        schedule_restart(&myself, state, idx);
+                        schedule_restart(&myself, cluster, c, idx);
                     }
                 }
             }
-            SupervisorMsg::RestartRouter if !state.stopping => {
-                match Actor::spawn_linked(None, Router, state.shared.clone(), myself.get_cell())
+            SupervisorMsg::RestartRouter(c) => {
+                let Some(cluster) = state.clusters.get_mut(c) else {
+                    return Ok(());
+                };
+                match Actor::spawn_linked(None, Router, cluster.shared.clone(), myself.get_cell())
                     .await
                 {
                     Ok((r, _)) => {
-                        state.router = Some(r.get_cell());
-                        crate::metrics::actor_restarted("router");
+                        cluster.router = Some(r.get_cell());
+                        crate::metrics::actor_restarted(&cluster.shared.cluster, "router");
                     }
                     Err(e) => {
                         tracing::error!(target: TARGET, error = %e, "router restart failed; retrying");
-                        myself.send_after(Duration::from_millis(100), || {
-                            SupervisorMsg::RestartRouter
+                        myself.send_after(Duration::from_millis(100), move || {
+                            SupervisorMsg::RestartRouter(c)
                         });
                     }
                 }
             }
-            SupervisorMsg::RestartListener if !state.stopping => {
-                match Actor::spawn_linked(None, Listener, state.shared.clone(), myself.get_cell())
+            SupervisorMsg::RestartListener(c) => {
+                let Some(cluster) = state.clusters.get_mut(c) else {
+                    return Ok(());
+                };
+                match Actor::spawn_linked(None, Listener, cluster.shared.clone(), myself.get_cell())
                     .await
                 {
                     Ok((l, _)) => {
-                        state.listener.cell = Some(l.get_cell());
-                        state.listener.started = Instant::now();
+                        cluster.listener.cell = Some(l.get_cell());
+                        cluster.listener.started = Instant::now();
                         tracing::info!(target: TARGET, "listener restarted");
-                        crate::metrics::actor_restarted("listener");
+                        crate::metrics::actor_restarted(&cluster.shared.cluster, "listener");
                     }
                     Err(e) => {
                         tracing::error!(target: TARGET, error = %e, "listener restart failed; retrying");
-                        schedule_listener_restart(&myself, state);
+                        schedule_listener_restart(&myself, cluster, c);
                     }
                 }
             }
             SupervisorMsg::Shutdown => {
                 state.stopping = true;
-                if let Some(r) = state.router.take() {
-                    r.stop(None);
-                }
-                if let Some(l) = state.listener.cell.take() {
-                    l.stop(None);
-                }
-                // Ends every subscription stream; no new ones.
-                state.shared.listen.close();
-                for c in &mut state.servers {
-                    if let Some(cell) = c.cell.take() {
-                        cell.stop(None);
+                for cluster in &mut state.clusters {
+                    if let Some(r) = cluster.router.take() {
+                        r.stop(None);
+                    }
+                    if let Some(l) = cluster.listener.cell.take() {
+                        l.stop(None);
+                    }
+                    // Ends every subscription stream; no new ones.
+                    cluster.shared.listen.close();
+                    for s in &mut cluster.servers {
+                        if let Some(cell) = s.cell.take() {
+                            cell.stop(None);
+                        }
                     }
                 }
                 myself.stop(None);
             }
-            _ => {}
         }
         Ok(())
     }
@@ -200,67 +237,54 @@ impl Actor for Supervisor {
             return Ok(());
         }
         let id = cell.get_id();
-        if state.router.as_ref().is_some_and(|r| r.get_id() == id) {
-            tracing::error!(target: TARGET, reason = %why, "router ended; restarting it");
-            state.router = None;
+        for (c, cluster) in state.clusters.iter_mut().enumerate() {
+            if cluster.router.as_ref().is_some_and(|r| r.get_id() == id) {
+                tracing::error!(target: TARGET, reason = %why, "router ended; restarting it");
+                cluster.router = None;
+                // ractor runs no post_stop for a failed actor.
+                cluster.shared.retire_router(id);
+                let _ = myself.cast(SupervisorMsg::RestartRouter(c));
+                return Ok(());
+            }
+            if cluster.listener.is(id) {
+                tracing::error!(target: TARGET, reason = %why, "listener ended; restarting after backoff");
+                cluster.listener.cell = None;
+                // No post_stop after a failure: unpublish it here.
+                cluster.shared.listen.forget_listener(id);
+                schedule_listener_restart(&myself, cluster, c);
+                return Ok(());
+            }
+            let Some(idx) = cluster.servers.iter().position(|s| s.is(id)) else {
+                continue;
+            };
+            let slot = &cluster.shared.slots[idx];
+            tracing::warn!(target: TARGET, server = %slot.name, reason = %why, "server actor ended; restarting after backoff");
+            slot.set_error(why);
+            slot.restarting.store(true, Ordering::Release);
             // ractor runs no post_stop for a failed actor.
-            state.shared.retire_router(id);
-            let _ = myself.cast(SupervisorMsg::RestartRouter);
+            slot.retire(id);
+            slot.restarts.fetch_add(1, Ordering::AcqRel);
+            slot.metrics.restarted();
+            cluster.servers[idx].cell = None;
+            // Out of rotation at once.
+            if let Some(router) = cluster.shared.router.load().as_ref() {
+                let _ = router.cast(RouterMsg::ServerDown { idx });
+            }
+            schedule_restart(&myself, cluster, c, idx);
             return Ok(());
         }
-        if state
-            .listener
-            .cell
-            .as_ref()
-            .is_some_and(|l| l.get_id() == id)
-        {
-            tracing::error!(target: TARGET, reason = %why, "listener ended; restarting after backoff");
-            state.listener.cell = None;
-            // No post_stop after a failure: unpublish it here.
-            state.shared.listen.forget_listener(id);
-            schedule_listener_restart(&myself, state);
-            return Ok(());
-        }
-        let Some(idx) = state
-            .servers
-            .iter()
-            .position(|c| c.cell.as_ref().is_some_and(|c| c.get_id() == id))
-        else {
-            return Ok(());
-        };
-        let slot = &state.shared.slots[idx];
-        tracing::warn!(target: TARGET, server = %slot.name, reason = %why, "server actor ended; restarting after backoff");
-        slot.set_error(why);
-        slot.restarting.store(true, Ordering::Release);
-        // ractor runs no post_stop for a failed actor.
-        slot.retire(id);
-        slot.restarts.fetch_add(1, Ordering::AcqRel);
-        slot.metrics.restarted();
-        state.servers[idx].cell = None;
-        // Out of rotation at once.
-        if let Some(router) = state.shared.router.load().as_ref() {
-            let _ = router.cast(RouterMsg::ServerDown { idx });
-        }
-        schedule_restart(&myself, state, idx);
         Ok(())
     }
 }
 
-impl Child {
-    /// The backoff before restarting this child, which stayed up since `started`.
-    fn restart_delay(&mut self, cfg: &crate::config::RestartConfig) -> Duration {
-        self.backoff.next_delay(Some(self.started.elapsed()), cfg)
-    }
+fn schedule_restart(myself: &ActorRef<SupervisorMsg>, cluster: &mut Cluster, c: usize, idx: usize) {
+    let delay = cluster.servers[idx].restart_delay(&cluster.shared.config.fleet.restart);
+    myself.send_after(delay, move || SupervisorMsg::RestartServer(c, idx));
 }
 
-fn schedule_restart(myself: &ActorRef<SupervisorMsg>, state: &mut SupervisorState, idx: usize) {
-    let delay = state.servers[idx].restart_delay(&state.shared.config.fleet.restart);
-    myself.send_after(delay, move || SupervisorMsg::RestartServer(idx));
-}
-
-fn schedule_listener_restart(myself: &ActorRef<SupervisorMsg>, state: &mut SupervisorState) {
-    let delay = state
+fn schedule_listener_restart(myself: &ActorRef<SupervisorMsg>, cluster: &mut Cluster, c: usize) {
+    let delay = cluster
         .listener
-        .restart_delay(&state.shared.config.fleet.restart);
-    myself.send_after(delay, || SupervisorMsg::RestartListener);
+        .restart_delay(&cluster.shared.config.fleet.restart);
+    myself.send_after(delay, move || SupervisorMsg::RestartListener(c));
 }

@@ -219,6 +219,31 @@ fn bad_configs_name_the_key() {
         ),
         (format!("fleet = 3\n{PRIMARY}"), vec!["fleet: invalid type: integer `3`, expected a table", "line 1"]),
         (format!("{PRIMARY}[replicas]\n"), vec!["replicas: invalid type: table, expected an array"]),
+        // Many clusters.
+        (
+            format!("{PRIMARY}[clusters.default.primary]\nurl = \"postgres://app@h/app\"\n"),
+            vec!["clusters.default", "top-level cluster"],
+        ),
+        (
+            format!("{PRIMARY}[clusters.\"a b\".primary]\nurl = \"postgres://app@h/app\"\n"),
+            vec!["clusters.a b", "letters, digits"],
+        ),
+        (
+            format!("{PRIMARY}[clusters.t1.primary]\nurl = \"postgres://app@h/app\"\n[[clusters.t1.replicas]]\nname = \"primary\"\nurl = \"postgres://app@h2/app\"\n"),
+            vec!["clusters.t1.replicas[0].name", "already used by clusters.t1.primary.name"],
+        ),
+        (
+            format!("{PRIMARY}[clusters.t1]\nreplicas = []\n"),
+            vec!["clusters.t1.primary: required key is missing"],
+        ),
+        (
+            format!("{PRIMARY}[clusters.t1.primary]\nurl = \"mysql://h/app\"\n"),
+            vec!["clusters.t1.primary.url"],
+        ),
+        (
+            format!("[fleet]\nunknown_cluster = \"fallback\"\n{PRIMARY}"),
+            vec!["fleet.unknown_cluster", "line 2"],
+        ),
         // TOML syntax.
         (
             format!("{PRIMARY}pool_size = = 3\n"),

@@ -122,7 +122,9 @@ async fn a_fleet_records_the_documented_metrics() -> anyhow::Result<()> {
     let t = common::table("metrics");
 
     // Leases of every intent, each counted on the server that granted it.
-    let before = m.counter("pgfleet_leases_total{intent=write,outcome=granted,server=primary}");
+    let before = m.counter(
+        "pgfleet_leases_total{cluster=default,intent=write,outcome=granted,server=primary}",
+    );
     let token = {
         let mut w = fleet.lease(Intent::Write).await?;
         w.batch_execute(&format!(
@@ -132,13 +134,19 @@ async fn a_fleet_records_the_documented_metrics() -> anyhow::Result<()> {
         w.commit_token().await?
     };
     assert_eq!(
-        m.counter("pgfleet_leases_total{intent=write,outcome=granted,server=primary}"),
+        m.counter(
+            "pgfleet_leases_total{cluster=default,intent=write,outcome=granted,server=primary}"
+        ),
         before + 1
     );
-    let strong = m.counter("pgfleet_leases_total{intent=strong,outcome=granted,server=primary}");
+    let strong = m.counter(
+        "pgfleet_leases_total{cluster=default,intent=strong,outcome=granted,server=primary}",
+    );
     drop(fleet.lease(Intent::Read(Consistency::Strong)).await?);
     assert_eq!(
-        m.counter("pgfleet_leases_total{intent=strong,outcome=granted,server=primary}"),
+        m.counter(
+            "pgfleet_leases_total{cluster=default,intent=strong,outcome=granted,server=primary}"
+        ),
         strong + 1
     );
     let eventual = |m: &Memory| {
@@ -146,7 +154,7 @@ async fn a_fleet_records_the_documented_metrics() -> anyhow::Result<()> {
             .iter()
             .map(|s| {
                 m.counter(&format!(
-                    "pgfleet_leases_total{{intent=eventual,outcome=granted,server={s}}}"
+                    "pgfleet_leases_total{{cluster=default,intent=eventual,outcome=granted,server={s}}}"
                 ))
             })
             .sum::<u64>()
@@ -163,44 +171,44 @@ async fn a_fleet_records_the_documented_metrics() -> anyhow::Result<()> {
 
     // A refused lease is counted by intent and error kind.
     let bad = Token::new(token.system_id(), token.timeline() + 7, token.lsn());
-    let refused = m.counter("pgfleet_lease_errors_total{error=Token,intent=ryw}");
+    let refused = m.counter("pgfleet_lease_errors_total{cluster=default,error=Token,intent=ryw}");
     assert!(fleet.lease(Intent::read_after(&bad)).await.is_err());
     assert_eq!(
-        m.counter("pgfleet_lease_errors_total{error=Token,intent=ryw}"),
+        m.counter("pgfleet_lease_errors_total{cluster=default,error=Token,intent=ryw}"),
         refused + 1
     );
 
     // Probes: counted, timed; lag and health published per server.
     common::wait_for("probe metrics", Duration::from_secs(10), || async {
-        m.counter("pgfleet_probes_total{outcome=ok,server=replica1}") > 2
-            && m.gauge("pgfleet_replica_lag_bytes{server=replica1}")
+        m.counter("pgfleet_probes_total{cluster=default,outcome=ok,server=replica1}") > 2
+            && m.gauge("pgfleet_replica_lag_bytes{cluster=default,server=replica1}")
                 .is_some_and(f64::is_finite)
     })
     .await;
-    let probe_times = m.samples("pgfleet_probe_duration_seconds{server=primary}");
+    let probe_times = m.samples("pgfleet_probe_duration_seconds{cluster=default,server=primary}");
     assert!(!probe_times.is_empty());
     assert!(
         probe_times.iter().all(|s| *s >= 0.0 && *s < 5.0),
         "{probe_times:?}"
     );
     assert_eq!(
-        m.gauge("pgfleet_server_healthy{server=replica2}"),
+        m.gauge("pgfleet_server_healthy{cluster=default,server=replica2}"),
         Some(1.0)
     );
     assert_eq!(
-        m.gauge("pgfleet_server_is_primary{server=primary}"),
+        m.gauge("pgfleet_server_is_primary{cluster=default,server=primary}"),
         Some(1.0)
     );
     assert_eq!(
-        m.gauge("pgfleet_server_is_primary{server=replica1}"),
+        m.gauge("pgfleet_server_is_primary{cluster=default,server=replica1}"),
         Some(0.0)
     );
     assert!(m
-        .gauge("pgfleet_replica_lag_seconds{server=replica2}")
+        .gauge("pgfleet_replica_lag_seconds{cluster=default,server=replica2}")
         .is_some_and(|s| s.is_finite() && s >= 0.0));
     // Pool gauges are refreshed with each probe; the write lease above opened a connection.
     common::wait_for("pool gauges", Duration::from_secs(10), || async {
-        m.gauge("pgfleet_pool_connections{pool=write,server=primary,state=idle}")
+        m.gauge("pgfleet_pool_connections{cluster=default,pool=write,server=primary,state=idle}")
             .is_some_and(|v| v >= 1.0)
     })
     .await;
@@ -223,22 +231,25 @@ async fn a_fleet_records_the_documented_metrics() -> anyhow::Result<()> {
             w.execute(&format!("UPDATE {t} SET v = v + 1"), &[]).await?;
             w.commit_token().await?
         };
-        let waits = m.counter("pgfleet_ryw_waits_total{outcome=primary}");
-        let fallbacks =
-            m.counter("pgfleet_leases_total{intent=ryw,outcome=fallback,server=primary}");
+        let waits = m.counter("pgfleet_ryw_waits_total{cluster=default,outcome=primary}");
+        let fallbacks = m.counter(
+            "pgfleet_leases_total{cluster=default,intent=ryw,outcome=fallback,server=primary}",
+        );
         let r = fleet.lease(Intent::read_after(&token)).await?;
         assert!(r.is_fallback());
         drop(r);
         assert_eq!(
-            m.counter("pgfleet_ryw_waits_total{outcome=primary}"),
+            m.counter("pgfleet_ryw_waits_total{cluster=default,outcome=primary}"),
             waits + 1
         );
         assert_eq!(
-            m.counter("pgfleet_leases_total{intent=ryw,outcome=fallback,server=primary}"),
+            m.counter(
+                "pgfleet_leases_total{cluster=default,intent=ryw,outcome=fallback,server=primary}"
+            ),
             fallbacks + 1
         );
         assert!(!m
-            .samples("pgfleet_ryw_wait_seconds{outcome=primary}")
+            .samples("pgfleet_ryw_wait_seconds{cluster=default,outcome=primary}")
             .is_empty());
         anyhow::Ok(())
     }
@@ -249,20 +260,24 @@ async fn a_fleet_records_the_documented_metrics() -> anyhow::Result<()> {
     result?;
 
     // Restarts of a server actor and of the router.
-    let restarts = m.counter("pgfleet_server_restarts_total{server=replica2}");
+    let restarts = m.counter("pgfleet_server_restarts_total{cluster=default,server=replica2}");
     assert!(fleet.debug_fail_server("replica2"));
     common::wait_for(
         "server restart counted",
         Duration::from_secs(10),
-        || async { m.counter("pgfleet_server_restarts_total{server=replica2}") > restarts },
+        || async {
+            m.counter("pgfleet_server_restarts_total{cluster=default,server=replica2}") > restarts
+        },
     )
     .await;
-    let routers = m.counter("pgfleet_actor_restarts_total{actor=router}");
+    let routers = m.counter("pgfleet_actor_restarts_total{actor=router,cluster=default}");
     assert!(fleet.debug_fail_router());
     common::wait_for(
         "router restart counted",
         Duration::from_secs(10),
-        || async { m.counter("pgfleet_actor_restarts_total{actor=router}") > routers },
+        || async {
+            m.counter("pgfleet_actor_restarts_total{actor=router,cluster=default}") > routers
+        },
     )
     .await;
 

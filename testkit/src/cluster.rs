@@ -108,6 +108,8 @@ pub struct ClusterBuilder {
     settings: Vec<(String, String)>,
     /// `postgresql.conf` overrides on replicas only.
     replica_settings: Vec<(String, String)>,
+    /// Run `initdb` instead of copying the shared template (a system identifier of its own).
+    own_system_id: bool,
 }
 
 impl Default for ClusterBuilder {
@@ -116,6 +118,7 @@ impl Default for ClusterBuilder {
             replicas: 2,
             settings: Vec::new(),
             replica_settings: Vec::new(),
+            own_system_id: false,
         }
     }
 }
@@ -142,6 +145,15 @@ impl ClusterBuilder {
     pub fn replica_setting(mut self, name: &str, value: &str) -> Self {
         self.replica_settings
             .push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Gives the cluster a system identifier of its own: runs `initdb` for it instead of
+    /// copying the data-dir template every other cluster on this machine is cloned from
+    /// (those share one identifier). For tests that tell clusters apart by identifier,
+    /// e.g. a token of one cluster shown to another. Costs a few seconds. Default: off.
+    pub fn own_system_id(mut self, yes: bool) -> Self {
+        self.own_system_id = yes;
         self
     }
 
@@ -226,7 +238,7 @@ impl ClusterBuilder {
         let name = "primary";
         let data_dir = ctx.dir.join(name);
         let log = ctx.dir.join(format!("{name}.log"));
-        template::primary_data_dir(ctx, &data_dir).await?;
+        template::primary_data_dir(ctx, &data_dir, self.own_system_id).await?;
 
         let mut conf = String::new();
         for (k, v) in BASE_SETTINGS {

@@ -28,8 +28,10 @@ const LOCK_WAIT: Duration = Duration::from_secs(300);
 
 /// Makes `dest` (which must not exist) a stopped, cleanly shut down primary data dir holding the
 /// superuser (with its password), [`APP_USER`] and [`APP_DATABASE`].
-pub(crate) async fn primary_data_dir(ctx: &Ctx, dest: &Path) -> Result<(), Error> {
-    let use_template = std::env::var(NO_TEMPLATE_ENV).map_or(true, |v| v.is_empty() || v == "0");
+/// With `fresh`, always by `initdb` (a system identifier of its own).
+pub(crate) async fn primary_data_dir(ctx: &Ctx, dest: &Path, fresh: bool) -> Result<(), Error> {
+    let use_template =
+        !fresh && std::env::var(NO_TEMPLATE_ENV).map_or(true, |v| v.is_empty() || v == "0");
     if !use_template {
         return build(ctx, dest).await;
     }
