@@ -32,8 +32,19 @@ const TARGET: &str = "pgfleet::lease";
 /// The actor tree stops when the last handle is dropped (or on [`Fleet::shutdown`]).
 #[derive(Clone)]
 pub struct Fleet {
-    shared: Arc<Shared>,
+    /// This handle's cluster.
+    cell: Arc<ClusterCell>,
     guard: Arc<TreeGuard>,
+}
+
+/// One cluster: its name and its current generation of shared state (replaced whole by
+/// [`Fleet::reload`]).
+#[derive(Debug)]
+pub(crate) struct ClusterCell {
+    /// The cluster's name.
+    pub(crate) name: Box<str>,
+    /// The current generation.
+    pub(crate) current: ArcSwap<Shared>,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -42,7 +53,7 @@ impl std::fmt::Debug for Fleet {
             .field(
                 "servers",
                 &self
-                    .shared
+                    .shared()
                     .slots
                     .iter()
                     .map(|s| &*s.name)
@@ -58,15 +69,17 @@ impl std::fmt::Debug for Fleet {
 struct TreeGuard {
     supervisor: ActorRef<SupervisorMsg>,
     /// Every cluster, sorted by name.
-    clusters: Box<[(Box<str>, Arc<Shared>)]>,
+    clusters: Box<[Arc<ClusterCell>]>,
     /// Index of [`DEFAULT_CLUSTER`] in `clusters`.
     default: usize,
     /// What `Fleet::cluster` does with an unknown name.
     unknown: UnknownCluster,
+    /// One reload at a time.
+    reloading: tokio::sync::Mutex<()>,
 }
 
 /// One cluster's shared state, its actors not started yet.
-fn build_shared(cluster: &str, config: Config) -> Shared {
+pub(crate) fn build_shared(cluster: &str, config: Config, previous: Option<&Shared>) -> Shared {
     let mut slots = Vec::with_capacity(1 + config.replicas.len());
     let p = &config.primary;
     slots.push(ServerSlot::new(
@@ -104,7 +117,8 @@ fn build_shared(cluster: &str, config: Config) -> Shared {
         topology: ArcSwap::from_pointee(topology),
         changed: Notify::new(),
         router: ArcSwapOption::empty(),
-        listen: Arc::default(),
+        // LISTEN subscriptions outlive a reload.
+        listen: previous.map_or_else(Arc::default, |p| p.listen.clone()),
         rr: AtomicUsize::new(0),
         shutting_down: AtomicBool::new(false),
         drained: Notify::new(),
@@ -139,26 +153,30 @@ impl Fleet {
             let one = config.cluster(name).ok_or_else(|| {
                 Error::Internal(format!("cluster {name} vanished from the config"))
             })?;
-            clusters.push((Box::<str>::from(name), Arc::new(build_shared(name, one))));
+            clusters.push(Arc::new(ClusterCell {
+                name: name.into(),
+                current: ArcSwap::from_pointee(build_shared(name, one, None)),
+            }));
         }
         let (supervisor, _) = Actor::spawn(
             None,
             Supervisor,
-            clusters.iter().map(|(_, s)| s.clone()).collect(),
+            clusters.iter().map(|c| c.current.load_full()).collect(),
         )
         .await
         .map_err(|e| Error::Internal(format!("starting the supervisor: {e}")))?;
         let default = clusters
             .iter()
-            .position(|(n, _)| &**n == DEFAULT_CLUSTER)
+            .position(|c| &*c.name == DEFAULT_CLUSTER)
             .ok_or_else(|| Error::Internal("no default cluster".into()))?;
         Ok(Fleet {
-            shared: clusters[default].1.clone(),
+            cell: clusters[default].clone(),
             guard: Arc::new(TreeGuard {
                 supervisor,
                 clusters: clusters.into(),
                 default,
                 unknown: config.fleet.unknown_cluster,
+                reloading: tokio::sync::Mutex::new(()),
             }),
         })
     }
@@ -173,7 +191,7 @@ impl Fleet {
     /// `fleet.unknown_cluster = "default"`, which returns the default cluster instead.
     pub fn cluster(&self, name: &str) -> Result<Fleet, Error> {
         let g = &self.guard;
-        let i = match g.clusters.binary_search_by(|(n, _)| (**n).cmp(name)) {
+        let i = match g.clusters.binary_search_by(|c| (*c.name).cmp(name)) {
             Ok(i) => i,
             Err(_) if g.unknown == UnknownCluster::Default => g.default,
             Err(_) => {
@@ -183,19 +201,39 @@ impl Fleet {
             }
         };
         Ok(Fleet {
-            shared: g.clusters[i].1.clone(),
+            cell: g.clusters[i].clone(),
             guard: g.clone(),
         })
     }
 
     /// This handle's cluster name ([`DEFAULT_CLUSTER`] for the top-level servers).
     pub fn cluster_name(&self) -> &str {
-        &self.shared.cluster
+        &self.cell.name
     }
 
     /// Every cluster's name, sorted.
     pub fn cluster_names(&self) -> impl Iterator<Item = &str> {
-        self.guard.clusters.iter().map(|(n, _)| &**n)
+        self.guard.clusters.iter().map(|c| &*c.name)
+    }
+
+    /// Every cluster of the tree, sorted by name.
+    pub(crate) fn clusters_cells(&self) -> Vec<Arc<ClusterCell>> {
+        self.guard.clusters.to_vec()
+    }
+
+    /// The supervisor of the whole tree.
+    pub(crate) fn supervisor(&self) -> ActorRef<SupervisorMsg> {
+        self.guard.supervisor.clone()
+    }
+
+    /// Held for the whole of a reload.
+    pub(crate) async fn reload_lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.guard.reloading.lock().await
+    }
+
+    /// The cluster's current generation.
+    pub(crate) fn shared(&self) -> arc_swap::Guard<Arc<Shared>> {
+        self.cell.current.load()
     }
 
     /// Waits until every server has been probed once (successfully or not) and a
@@ -203,8 +241,9 @@ impl Fleet {
     pub async fn wait_ready(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         loop {
-            let notified = self.shared.changed.notified();
-            let t = self.shared.topology.load();
+            let shared = self.shared();
+            let notified = shared.changed.notified();
+            let t = shared.topology.load();
             if t.primary_index().is_some()
                 && t.servers
                     .iter()
@@ -235,14 +274,14 @@ impl Fleet {
         intent: Intent,
     ) -> impl std::future::Future<Output = Result<Lease, Error>> + Send + '_ {
         // Not an `async fn`: one less layer of future to build and move per lease.
-        lease_on(&self.shared, intent, None)
+        lease_on(self.cell.current.load(), intent, None)
     }
 
     /// A new session (read-your-writes and monotonic reads across its leases).
     pub fn session(&self) -> Session {
         Session {
             inner: Arc::new(SessionInner::default()),
-            shared: self.shared.clone(),
+            cell: self.cell.clone(),
         }
     }
 
@@ -266,7 +305,7 @@ impl Fleet {
     /// [`TokenError::ForeignSystem`] for another system identifier;
     /// [`TokenError::UnknownTimeline`] for a timeline beyond the primary's.
     pub fn check_token(&self, token: &Token) -> Result<(), TokenError> {
-        check_token(&self.shared.topology.load(), token)
+        check_token(&self.shared().topology.load(), token)
     }
 
     /// The current router actor. It changes when the supervisor restarts the router, so
@@ -277,10 +316,11 @@ impl Fleet {
     /// [`Error::ShuttingDown`] once the fleet is stopping; [`Error::Internal`] in the
     /// moment between a router's death and its replacement.
     pub fn router(&self) -> Result<ActorRef<RouterMsg>, Error> {
-        if self.shared.is_shutting_down() {
+        let shared = self.shared();
+        if shared.is_shutting_down() {
             return Err(Error::ShuttingDown);
         }
-        self.shared
+        shared
             .router
             .load_full()
             .map(|r| (*r).clone())
@@ -289,9 +329,9 @@ impl Fleet {
 
     /// A snapshot of every server's state, with a `Display` table.
     pub fn status(&self) -> Status {
-        let t = self.shared.topology.load();
-        let servers = self
-            .shared
+        let shared = self.shared();
+        let t = shared.topology.load();
+        let servers = shared
             .slots
             .iter()
             .zip(t.servers.iter())
@@ -331,7 +371,7 @@ impl Fleet {
                 }
             })
             .collect();
-        let c = &self.shared.counters;
+        let c = &shared.counters;
         Status {
             servers,
             primary_down: t.primary_index().is_none(),
@@ -339,8 +379,7 @@ impl Fleet {
             ryw_on_replica: c.ryw_on_replica.load(Ordering::Relaxed),
             ryw_on_primary: c.ryw_on_primary.load(Ordering::Relaxed),
             ryw_waited: c.ryw_waited.load(Ordering::Relaxed),
-            wait_probes: self
-                .shared
+            wait_probes: shared
                 .slots
                 .iter()
                 .map(|s| s.demand_probes.load(Ordering::Relaxed))
@@ -353,12 +392,18 @@ impl Fleet {
     /// leases fail with [`Error::ShuttingDown`]. Returns how many leases were still out
     /// when it gave up waiting.
     pub async fn shutdown(&self) -> u64 {
-        let clusters = || self.guard.clusters.iter().map(|(_, s)| s);
+        let generations: Vec<Arc<Shared>> = self
+            .guard
+            .clusters
+            .iter()
+            .map(|c| c.current.load_full())
+            .collect();
+        let clusters = || generations.iter();
         for s in clusters() {
             s.shutting_down.store(true, Ordering::Release);
             s.changed.notify_waiters();
         }
-        let deadline = Instant::now() + self.shared.config.fleet.shutdown_timeout;
+        let deadline = Instant::now() + self.shared().config.fleet.shutdown_timeout;
         for s in clusters() {
             loop {
                 let notified = s.drained.notified();
@@ -394,7 +439,7 @@ impl Fleet {
     /// Test hook: make server `name`'s actor fail as if it crashed.
     #[doc(hidden)]
     pub fn debug_fail_server(&self, name: &str) -> bool {
-        self.shared
+        self.shared()
             .slots
             .iter()
             .find(|s| &*s.name == name)
@@ -409,7 +454,7 @@ impl Fleet {
     /// Test hook: make the router fail as if it crashed.
     #[doc(hidden)]
     pub fn debug_fail_router(&self) -> bool {
-        match self.shared.router.load_full() {
+        match self.shared().router.load_full() {
             Some(r) => {
                 r.get_cell().kill();
                 true
@@ -439,20 +484,22 @@ impl Fleet {
     /// NUL byte; [`Error::NoPrimary`] or [`Error::Timeout`] when LISTEN is not in effect
     /// within `lease_timeout`; [`Error::ShuttingDown`].
     pub async fn listen(&self, channel: &str) -> Result<crate::listener::Subscription, Error> {
-        crate::listener::subscribe(&self.shared, channel).await
+        let shared = self.cell.current.load_full();
+        crate::listener::subscribe(&shared, channel).await
     }
 
     /// Test hook: the channels the listener's session LISTENs to, read from the server
     /// (`pg_listening_channels()`), sorted; `None` while it is not connected.
     #[doc(hidden)]
     pub async fn debug_listening_channels(&self) -> Option<Vec<String>> {
-        crate::listener::server_channels(&self.shared).await
+        let shared = self.cell.current.load_full();
+        crate::listener::server_channels(&shared).await
     }
 
     /// Test hook: make the listener fail as if it crashed.
     #[doc(hidden)]
     pub fn debug_fail_listener(&self) -> bool {
-        crate::listener::fail(&self.shared)
+        crate::listener::fail(&self.shared())
     }
 }
 
@@ -516,11 +563,15 @@ impl Need {
 
 /// The whole lease decision; shared by `Fleet::lease`, sessions and the router's
 /// `Lease` message, so all three decide the same way.
-pub(crate) async fn lease_on(
-    shared: &Arc<Shared>,
+pub(crate) async fn lease_on<S>(
+    shared: S,
     intent: Intent,
     session: Option<Arc<SessionInner>>,
-) -> Result<Lease, Error> {
+) -> Result<Lease, Error>
+where
+    S: std::ops::Deref<Target = Arc<Shared>> + Send,
+{
+    let shared: &Arc<Shared> = &shared;
     if shared.is_shutting_down() {
         metrics::lease_error(&shared.cluster, Need::label_of(intent), "ShuttingDown");
         return Err(Error::ShuttingDown);

@@ -51,8 +51,10 @@
 //!   and the deadpool manager.
 //! - `server`: the server actor (pool owner, prober).
 //! - `router`: the router actor (topology writer, read-your-writes waits).
-//! - `supervisor`: restarts failed actors with backoff.
-//! - `fleet`: [`Fleet`], the handle, and the lease decision.
+//! - `supervisor`: one for every cluster's actors; restarts failed ones with backoff.
+//! - `fleet`: [`Fleet`], the handle (one per cluster), and the lease decision.
+//! - `reload`: [`Fleet::reload`], a new configuration without a restart.
+//! - `metrics`: the `metrics` feature's handles (no-ops without it).
 //! - `lease`: [`Lease`], [`Intent`], [`Consistency`].
 //! - `session`: [`Session`].
 //! - `listener`: the LISTEN/NOTIFY listener actor, [`Subscription`], [`ListenEvent`],
@@ -129,6 +131,7 @@ mod lease;
 mod listener;
 mod lsn;
 mod metrics;
+mod reload;
 mod router;
 mod server;
 mod session;
@@ -148,6 +151,7 @@ pub use fleet::Fleet;
 pub use lease::{Consistency, Intent, Lease};
 pub use listener::{ListenEvent, Notification, Subscription};
 pub use lsn::{Lsn, LsnParseError};
+pub use reload::ReloadReport;
 pub use router::RouterMsg;
 pub use server::ServerMsg;
 pub use session::Session;

@@ -135,6 +135,8 @@ pub(crate) struct ServerState {
     down_since: Option<Instant>,
     ticker: Option<JoinHandle<()>>,
     pools: Arc<Pools>,
+    /// `pools.owner` when this actor took them.
+    pools_owner: u64,
 }
 
 /// The server actor (unit struct, as ractor actors are).
@@ -157,26 +159,35 @@ impl Actor for Server {
         let slot = &shared.slots[args.idx];
         let pg = slot.url.pg_config();
         let rollback = shared.query_timeout();
+        // A reload hands over the pools of a server whose settings did not change: its
+        // connections are kept. A restart after a failure always starts afresh.
+        let adopted = slot.pools.load_full();
         let registry = Arc::new(ConnRegistry::default());
-        let pools = Arc::new(Pools {
-            read: build_pool(
-                pg,
-                true,
-                slot.pool_size,
-                shared.net,
-                rollback,
-                registry.clone(),
-            )?,
-            write: build_pool(
-                pg,
-                false,
-                slot.pool_size,
-                shared.net,
-                rollback,
-                registry.clone(),
-            )?,
-            registry,
-        });
+        let pools = if let Some(p) = adopted {
+            p
+        } else {
+            Arc::new(Pools {
+                read: build_pool(
+                    pg,
+                    true,
+                    slot.pool_size,
+                    shared.net,
+                    rollback,
+                    registry.clone(),
+                )?,
+                write: build_pool(
+                    pg,
+                    false,
+                    slot.pool_size,
+                    shared.net,
+                    rollback,
+                    registry.clone(),
+                )?,
+                registry,
+                owner: std::sync::atomic::AtomicU64::new(0),
+            })
+        };
+        let owner = pools.owner.load(std::sync::atomic::Ordering::Acquire);
         slot.pools.store(Some(pools.clone()));
         slot.actor.store(Some(Arc::new(myself)));
         Ok(ServerState {
@@ -190,6 +201,7 @@ impl Actor for Server {
             down_since: None,
             ticker: None,
             pools,
+            pools_owner: owner,
         })
     }
 
@@ -213,7 +225,10 @@ impl Actor for Server {
             t.abort();
         }
         state.shared.slots[state.idx].retire(myself.get_id());
-        state.pools.close();
+        // Pools a reload handed to the next generation stay open.
+        if state.pools.owner.load(std::sync::atomic::Ordering::Acquire) == state.pools_owner {
+            state.pools.close();
+        }
         Ok(())
     }
 

@@ -8,8 +8,8 @@ use std::time::Instant;
 use tokio::sync::Notify;
 
 use crate::error::Error;
+use crate::fleet::ClusterCell;
 use crate::lease::{Consistency, Intent, Lease};
-use crate::shared::Shared;
 use crate::token::Token;
 
 /// Tracks what a session has written and seen, so its reads never go back in time.
@@ -25,7 +25,8 @@ use crate::token::Token;
 #[derive(Clone)]
 pub struct Session {
     pub(crate) inner: Arc<SessionInner>,
-    pub(crate) shared: Arc<Shared>,
+    /// The cluster; each lease uses its current generation.
+    pub(crate) cell: Arc<ClusterCell>,
 }
 
 impl std::fmt::Debug for Session {
@@ -99,7 +100,8 @@ impl Session {
     ///
     /// As [`crate::Fleet::lease`].
     pub async fn lease(&self, intent: Intent) -> Result<Lease, Error> {
-        let deadline = Instant::now() + self.shared.config.fleet.lease_timeout;
+        let shared = self.cell.current.load_full();
+        let deadline = Instant::now() + shared.config.fleet.lease_timeout;
         // The previous lease's upper bound must be in the mark before routing.
         loop {
             let notified = self.inner.released.notified();
@@ -134,6 +136,6 @@ impl Session {
             }
             other => other,
         };
-        crate::fleet::lease_on(&self.shared, intent, Some(self.inner.clone())).await
+        crate::fleet::lease_on(&shared, intent, Some(self.inner.clone())).await
     }
 }

@@ -26,6 +26,9 @@ pub(crate) struct Pools {
     pub(crate) write: Pool,
     /// Every connection both pools opened.
     pub(crate) registry: Arc<ConnRegistry>,
+    /// Bumped each time a reload hands the pools to a new generation's actor: an actor
+    /// closes them when it stops only if it is still their owner.
+    pub(crate) owner: AtomicU64,
 }
 
 impl Pools {

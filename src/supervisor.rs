@@ -27,6 +27,10 @@ pub(crate) enum SupervisorMsg {
     RestartRouter(usize),
     /// Backoff elapsed: start cluster `c`'s LISTEN/NOTIFY listener again.
     RestartListener(usize),
+    /// A reload: start actors for these new generations (one per cluster, in order)
+    /// in place of the current ones, and reply with the replaced actors, still running
+    /// (the caller stops them once the new generation is published).
+    Reload(Vec<Arc<Shared>>, ractor::RpcReplyPort<Vec<ActorCell>>),
     /// Stop every child and then the supervisor.
     Shutdown,
 }
@@ -92,29 +96,7 @@ impl Actor for Supervisor {
     ) -> Result<SupervisorState, ActorProcessingErr> {
         let mut out = Vec::with_capacity(clusters.len());
         for shared in clusters {
-            // Router first, so the servers' first reports have somewhere to go.
-            let (router, _) =
-                Actor::spawn_linked(None, Router, shared.clone(), myself.get_cell()).await?;
-            let mut servers = Vec::with_capacity(shared.slots.len());
-            for idx in 0..shared.slots.len() {
-                let args = ServerArgs {
-                    shared: shared.clone(),
-                    idx,
-                    restarts: 0,
-                };
-                // Server pre_start does no I/O, so this cannot fail on an unreachable server.
-                let (s, _) = Actor::spawn_linked(None, Server, args, myself.get_cell()).await?;
-                servers.push(Child::new(s.get_cell()));
-            }
-            // Listener pre_start does no I/O either: it connects after start.
-            let (listener, _) =
-                Actor::spawn_linked(None, Listener, shared.clone(), myself.get_cell()).await?;
-            out.push(Cluster {
-                shared,
-                servers,
-                router: Some(router.get_cell()),
-                listener: Child::new(listener.get_cell()),
-            });
+            out.push(spawn_cluster(&myself, shared).await?);
         }
         Ok(SupervisorState {
             clusters: out,
@@ -196,6 +178,20 @@ impl Actor for Supervisor {
                     }
                 }
             }
+            SupervisorMsg::Reload(generations, reply) => {
+                let mut replaced = Vec::new();
+                for (c, shared) in generations.into_iter().enumerate() {
+                    let Some(slot) = state.clusters.get_mut(c) else {
+                        continue;
+                    };
+                    let mut fresh = spawn_cluster(&myself, shared).await?;
+                    std::mem::swap(slot, &mut fresh);
+                    replaced.extend(fresh.router.take());
+                    replaced.extend(fresh.listener.cell.take());
+                    replaced.extend(fresh.servers.iter_mut().filter_map(|s| s.cell.take()));
+                }
+                let _ = reply.send(replaced);
+            }
             SupervisorMsg::Shutdown => {
                 state.stopping = true;
                 for cluster in &mut state.clusters {
@@ -275,6 +271,35 @@ impl Actor for Supervisor {
         }
         Ok(())
     }
+}
+
+/// Spawns one cluster generation's router, server actors and listener, linked to the
+/// supervisor. None of their `pre_start`s does I/O, so an unreachable server cannot
+/// make this fail.
+async fn spawn_cluster(
+    myself: &ActorRef<SupervisorMsg>,
+    shared: Arc<Shared>,
+) -> Result<Cluster, ActorProcessingErr> {
+    // Router first, so the servers' first reports have somewhere to go.
+    let (router, _) = Actor::spawn_linked(None, Router, shared.clone(), myself.get_cell()).await?;
+    let mut servers = Vec::with_capacity(shared.slots.len());
+    for idx in 0..shared.slots.len() {
+        let args = ServerArgs {
+            shared: shared.clone(),
+            idx,
+            restarts: shared.slots[idx].restarts.load(Ordering::Acquire),
+        };
+        let (s, _) = Actor::spawn_linked(None, Server, args, myself.get_cell()).await?;
+        servers.push(Child::new(s.get_cell()));
+    }
+    let (listener, _) =
+        Actor::spawn_linked(None, Listener, shared.clone(), myself.get_cell()).await?;
+    Ok(Cluster {
+        shared,
+        servers,
+        router: Some(router.get_cell()),
+        listener: Child::new(listener.get_cell()),
+    })
 }
 
 fn schedule_restart(myself: &ActorRef<SupervisorMsg>, cluster: &mut Cluster, c: usize, idx: usize) {

@@ -342,6 +342,37 @@ async fn status_watch_refreshes_until_sigint() -> Result<()> {
         ensure!(cols[1] == role, "{seen}");
     }
 
+    // SIGHUP reloads the file: without replica2, the next tables have no replica2 row.
+    let toml = cluster.pgfleet_toml();
+    let cut = toml
+        .find("\n[[replicas]]\nname = \"replica2\"")
+        .context("replica2's section")?;
+    std::fs::write(file.path(), &toml[..cut])?;
+    let sent = std::process::Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()?;
+    ensure!(sent.success(), "kill -HUP {pid}");
+    let mut table = String::new();
+    loop {
+        let line = tokio::time::timeout_at(deadline.into(), lines.next_line())
+            .await
+            .with_context(|| format!("no table without replica2 after SIGHUP:\n{seen}"))??
+            .context("stdout closed")?;
+        if is_header(&line) {
+            table.clear();
+        }
+        table.push_str(&line);
+        table.push('\n');
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.starts_with("read-your-writes:") {
+            if row(&table, "replica2").is_none() && row(&table, "replica1").is_some() {
+                break;
+            }
+            table.clear();
+        }
+    }
+
     let sent = std::process::Command::new("kill")
         .args(["-INT", &pid.to_string()])
         .status()?;
@@ -364,6 +395,10 @@ async fn status_watch_refreshes_until_sigint() -> Result<()> {
         out.status.success(),
         "exit {:?} after SIGINT; stderr:\n{stderr}",
         out.status
+    );
+    ensure!(
+        stderr.contains("reloaded") && stderr.contains("removed [\"replica2\"]"),
+        "no reload report on stderr:\n{stderr}"
     );
     let stopped_after = interrupted.elapsed();
     ensure!(

@@ -3,6 +3,7 @@
 //! ```text
 //! pgfleet check CONFIG                  validate CONFIG, print the effective settings
 //! pgfleet status CONFIG [--watch]       start a fleet, print its status table
+//!                                        (--watch: SIGHUP reloads CONFIG)
 //! ```
 //!
 //! Exit codes: `0` success; `1` the fleet did not become ready in time (the
@@ -146,7 +147,7 @@ async fn status(path: &Path, watch: bool, wait: Duration) -> ExitCode {
         }
     };
     let code = if watch {
-        watch_status(&fleet, wait).await
+        watch_status(&fleet, path, wait).await
     } else {
         let ready = fleet.wait_ready(wait).await;
         let printed = emit(&format!("{}\n", fleet.status()));
@@ -166,11 +167,19 @@ async fn status(path: &Path, watch: bool, wait: Duration) -> ExitCode {
     code
 }
 
-/// `pgfleet status --watch`: a table every second until Ctrl-C.
-async fn watch_status(fleet: &Fleet, wait: Duration) -> ExitCode {
+/// `pgfleet status --watch`: a table every second until Ctrl-C; SIGHUP reloads the
+/// configuration file (a rejected one leaves the running configuration in force).
+async fn watch_status(fleet: &Fleet, path: &Path, wait: Duration) -> ExitCode {
     // Polled from here on, so Ctrl-C is caught from the first wait.
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
+    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            eprintln!("warning: SIGHUP reloads are off: {e}");
+            None
+        }
+    };
     let terminal = io::stdout().is_terminal();
     tokio::select! {
         _ = &mut ctrl_c => return ExitCode::SUCCESS,
@@ -200,7 +209,32 @@ async fn watch_status(fleet: &Fleet, wait: Duration) -> ExitCode {
         tokio::select! {
             _ = &mut ctrl_c => return ExitCode::SUCCESS,
             () = tokio::time::sleep(WATCH_EVERY) => {}
+            Some(()) = async { hangup.as_mut()?.recv().await } => reload(fleet, path).await,
         }
+    }
+}
+
+/// SIGHUP: re-reads the configuration file and applies it; says on stderr what changed
+/// or why it was rejected.
+async fn reload(fleet: &Fleet, path: &Path) {
+    let config = match pgfleet::Config::from_path(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("reload rejected, the running configuration stays: {e}");
+            return;
+        }
+    };
+    match fleet.reload(config).await {
+        Ok(r) => eprintln!(
+            "reloaded {}: kept {:?}, resized {:?}, replaced {:?}, added {:?}, removed {:?}",
+            path.display(),
+            r.kept,
+            r.resized,
+            r.replaced,
+            r.added,
+            r.removed
+        ),
+        Err(e) => eprintln!("reload rejected, the running configuration stays: {e}"),
     }
 }
 

@@ -1,0 +1,146 @@
+//! `fleet.reload(config)`: new weights, pool sizes, thresholds and added or removed
+//! replicas without a restart; servers whose settings did not change keep their open
+//! connections; an invalid configuration is rejected whole with the old one in force.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use pgfleet::{Config, Consistency, Error, Fleet, Intent, Lease};
+use pgfleet_testkit::LocalCluster;
+
+/// The backend pid of the connection under `lease`.
+async fn pid(lease: &Lease) -> anyhow::Result<i32> {
+    Ok(lease
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await?
+        .get(0))
+}
+
+/// `cluster`'s config with replica1 only (pool of one, so its connection is identifiable)
+/// or with both replicas.
+fn config(cluster: &LocalCluster, both: bool, replica1_pool: usize, weight1: u32) -> Config {
+    common::config(cluster, common::FAST, |c| {
+        if !both {
+            c.replicas.truncate(1);
+        }
+        c.replicas[0].pool_size = replica1_pool;
+        c.replicas[0].weight = weight1;
+        c.primary.pool_size = 1;
+    })
+}
+
+/// The servers that served `n` eventual reads.
+async fn servers_of_reads(fleet: &Fleet, n: usize) -> anyhow::Result<BTreeSet<String>> {
+    let mut seen = BTreeSet::new();
+    for _ in 0..n {
+        let l = fleet.lease(Intent::Read(Consistency::Eventual)).await?;
+        seen.insert(l.server().to_owned());
+    }
+    Ok(seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_applies_changes_and_keeps_unchanged_connections() -> anyhow::Result<()> {
+    common::trace();
+    let cluster = LocalCluster::shared().await?;
+    let fleet = common::start(config(cluster, false, 1, 1)).await;
+    let session = fleet.session();
+
+    let replica_pid = pid(&fleet.lease(Intent::Read(Consistency::Eventual)).await?).await?;
+    let primary_pid = pid(&fleet.lease(Intent::Write).await?).await?;
+    assert_eq!(
+        servers_of_reads(&fleet, 20).await?,
+        BTreeSet::from(["replica1".to_owned()])
+    );
+
+    // Add replica2, grow replica1's pool and change a threshold.
+    let mut next = config(cluster, true, 2, 3);
+    next.fleet.failure_threshold = 5;
+    let report = fleet.reload(next).await?;
+    assert_eq!(report.kept, vec!["primary", "replica1"]);
+    assert_eq!(report.resized, vec!["replica1"]);
+    assert_eq!(report.added, vec!["replica2"]);
+    assert!(
+        report.removed.is_empty() && report.replaced.is_empty(),
+        "{report:?}"
+    );
+
+    // Unchanged servers kept their connections.
+    let r = fleet.lease(Intent::Read(Consistency::Eventual)).await?;
+    if r.server() == "replica1" {
+        assert_eq!(
+            pid(&r).await?,
+            replica_pid,
+            "replica1's connection was kept"
+        );
+    }
+    drop(r);
+    assert_eq!(pid(&fleet.lease(Intent::Write).await?).await?, primary_pid);
+    // The new replica joins rotation after its first probe.
+    common::wait_for("replica2 in rotation", Duration::from_secs(10), || async {
+        servers_of_reads(&fleet, 20)
+            .await
+            .is_ok_and(|s| s.contains("replica2"))
+    })
+    .await;
+    assert_eq!(fleet.status().servers.len(), 3);
+    // A session from before the reload keeps working.
+    drop(session.lease(Intent::Write).await?);
+    drop(session.lease(Intent::read()).await?);
+
+    // An invalid configuration is rejected whole; the old one stays in force.
+    let mut bad = config(cluster, false, 1, 1);
+    bad.fleet.lease_timeout = Duration::ZERO;
+    match fleet.reload(bad).await {
+        Err(Error::Config(e)) => assert_eq!(e.key(), Some("fleet.lease_timeout")),
+        other => panic!("expected a config error, got {other:?}"),
+    }
+    assert_eq!(fleet.status().servers.len(), 3);
+    // So is one that adds a cluster.
+    let mut more = config(cluster, true, 2, 3);
+    more.clusters.insert(
+        "tenant".into(),
+        pgfleet::ClusterConfig::new(more.primary.clone()),
+    );
+    assert!(matches!(fleet.reload(more).await, Err(Error::Config(_))));
+
+    // Remove replica2 again: it leaves rotation at once.
+    let report = fleet.reload(config(cluster, false, 2, 1)).await?;
+    assert_eq!(report.removed, vec!["replica2"]);
+    assert_eq!(fleet.status().servers.len(), 2);
+    assert_eq!(
+        servers_of_reads(&fleet, 20).await?,
+        BTreeSet::from(["replica1".to_owned()])
+    );
+
+    // A changed URL (another port, here the server's own instead of its proxy) means
+    // new connections.
+    let mut moved = config(cluster, false, 2, 1);
+    moved.replicas[0].url = cluster.replica(0).direct_url().parse()?;
+    let report = fleet.reload(moved).await?;
+    assert_eq!(report.replaced, vec!["replica1"]);
+    common::wait_for(
+        "replica1 back in rotation",
+        Duration::from_secs(10),
+        || async {
+            servers_of_reads(&fleet, 5)
+                .await
+                .is_ok_and(|s| s.contains("replica1"))
+        },
+    )
+    .await;
+    let r = fleet.lease(Intent::Read(Consistency::Eventual)).await?;
+    if r.server() == "replica1" {
+        assert_ne!(
+            pid(&r).await?,
+            replica_pid,
+            "a new URL opens new connections"
+        );
+    }
+    drop(r);
+
+    assert_eq!(fleet.shutdown().await, 0);
+    Ok(())
+}
