@@ -193,8 +193,10 @@ async fn play_client(base: &str) -> anyhow::Result<()> {
     println!("\n# an API client with the header instead of the cookie");
     exchange(&client, "GET", &item, &[("x-pgfleet-token", &token)], "").await?;
 
-    println!("\n# a tampered token is ignored (served as if absent) and counted");
-    let tampered = format!("{}x", &token[..token.len() - 1]);
+    println!("\n# a tampered token (one MAC character changed) is ignored and counted");
+    let (text, mac) = token.rsplit_once('.').context("signed form")?;
+    let first = if mac.starts_with('A') { 'B' } else { 'A' };
+    let tampered = format!("{text}.{first}{}", &mac[1..]);
     exchange(&client, "GET", &item, &[("x-pgfleet-token", &tampered)], "").await?;
     Ok(())
 }
