@@ -181,8 +181,13 @@ impl LayerShared {
             .iter()
             .filter_map(|v| v.to_str().ok())
             .map(|v| ("header", v.trim()));
-        let candidates: Vec<(&'static str, &str)> =
-            cookies.chain(header).take(MAX_CANDIDATES).collect();
+        let mut candidates: Vec<(&'static str, &str)> = Vec::with_capacity(2);
+        for (source, wire) in cookies.chain(header).take(MAX_CANDIDATES) {
+            // A client that echoes the cookie in the header too is checked once.
+            if !candidates.iter().any(|(_, w)| *w == wire) {
+                candidates.push((source, wire));
+            }
+        }
         for (source, wire) in candidates {
             match self.check(wire).await {
                 Ok(token) => session.observe(token),
