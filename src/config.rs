@@ -2,7 +2,8 @@
 //!
 //! One [`Config`] describes one cluster: a `[fleet]` table of timings and
 //! policies, a `[consistency]` table for read routing, one `[primary]` and any
-//! number of `[[replicas]]`. Every table and every key except the servers'
+//! number of `[[replicas]]`, and an `[http]` table for session tokens over HTTP
+//! ([`HttpConfig`]). Every table and every key except the servers'
 //! `url` (and a replica's `name`) has a default, so the smallest valid file is
 //!
 //! ```toml
@@ -26,6 +27,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::http::HttpConfig;
 
 /// Longest accepted server name: PostgreSQL's identifier limit, so a name can
 /// also serve as an `application_name` suffix or a metric label.
@@ -72,6 +75,11 @@ pub struct Config {
     /// Default: none.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub clusters: BTreeMap<String, ClusterConfig>,
+    /// `[http]`: session tokens over HTTP (cookie, header, signing keys), used by the
+    /// `axum` feature's layer and accepted by every build.
+    /// Default: every key at its own default (see [`HttpConfig`]).
+    #[serde(default)]
+    pub http: HttpConfig,
 }
 
 /// The name of the cluster the top-level `[primary]` and `[[replicas]]` describe.
@@ -386,6 +394,7 @@ impl Config {
             primary,
             replicas: Vec::new(),
             clusters: BTreeMap::new(),
+            http: HttpConfig::default(),
         }
     }
 
@@ -438,7 +447,7 @@ impl Config {
     /// - [`ConfigError::Syntax`]: malformed TOML, an unknown key, a missing
     ///   required key, or a value of the wrong type or form (including a bad
     ///   URL or duration), with its key path, line and column;
-    /// - [`ConfigError::MissingEnv`]: a URL takes its password from an unset
+    /// - [`ConfigError::MissingEnv`]: a URL's password or a signing key comes from an unset
     ///   environment variable;
     /// - [`ConfigError::Invalid`]: anything [`Config::validate`] rejects.
     pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
@@ -464,6 +473,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.fleet.validate()?;
         self.consistency.validate(&self.fleet)?;
+        self.http.validate()?;
 
         validate_servers("", &self.primary, &self.replicas)?;
         for (name, c) in &self.clusters {
@@ -605,7 +615,7 @@ impl ConsistencyConfig {
     }
 }
 
-fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
         message: message.into(),
@@ -616,7 +626,7 @@ fn fmt_duration(d: Duration) -> String {
     humantime::format_duration(d).to_string()
 }
 
-fn check_duration(key: &str, value: Duration, zero_ok: bool) -> Result<(), ConfigError> {
+pub(crate) fn check_duration(key: &str, value: Duration, zero_ok: bool) -> Result<(), ConfigError> {
     if value.is_zero() && !zero_ok {
         return Err(invalid(key, "must be more than 0s"));
     }
@@ -726,8 +736,9 @@ pub enum ConfigError {
         /// What is wrong.
         message: String,
     },
-    /// A URL takes its password from an environment variable that is not set.
-    #[error("{key}: the password comes from environment variable `{var}`, which is not set")]
+    /// A URL's password or an HTTP signing key (`http.keys`) comes from an environment
+    /// variable that is not set.
+    #[error("{key}: the secret comes from environment variable `{var}`, which is not set")]
     MissingEnv {
         /// Key path of the URL, e.g. `replicas[0].url`.
         key: String,
@@ -764,6 +775,11 @@ fn syntax_error(text: &str, path: Option<String>, error: &toml::de::Error) -> Co
     // serde_path_to_error prints the root path as ".".
     let mut key = path.filter(|p| p != ".");
     let mut message = toml_words(&redact_text(error.message()));
+    // A value under `http.keys` may be a signing key: serde quotes a wrongly typed
+    // string (`keys = "secret"`), so say only what was expected.
+    if key.as_deref().is_some_and(|k| k.starts_with("http.keys")) {
+        message = "expected an array of key strings (the value is not shown)".to_owned();
+    }
     // "missing field `url`" at `replicas[1]`: report the missing key itself.
     if let Some(field) = message
         .strip_prefix("missing field `")
@@ -1053,7 +1069,7 @@ impl ServerUrl {
 }
 
 /// `NAME` if `password` is exactly `${NAME}` with a valid variable name.
-fn env_reference(password: &[u8]) -> Option<&str> {
+pub(crate) fn env_reference(password: &[u8]) -> Option<&str> {
     let name = password.strip_prefix(b"${")?.strip_suffix(b"}")?;
     let name = std::str::from_utf8(name).ok()?;
     let mut chars = name.chars();

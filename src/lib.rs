@@ -57,6 +57,10 @@
 //! - `metrics`: the `metrics` feature's handles (no-ops without it).
 //! - `lease`: [`Lease`], [`Intent`], [`Consistency`].
 //! - `session`: [`Session`].
+//! - `verify`: [`Fleet::verify_token`], a token judged against a fresh primary position.
+//! - `http`: read-your-writes across HTTP requests: [`HttpConfig`] (the `[http]` table,
+//!   every build) and, with the feature `axum`, `SessionLayer` (a tower layer carrying
+//!   the session token, HMAC-signed, in a cookie or header) and `TokenSigner`.
 //! - `listener`: the LISTEN/NOTIFY listener actor, [`Subscription`], [`ListenEvent`],
 //!   [`Notification`].
 //! - `status`: [`Status`].
@@ -126,6 +130,7 @@ mod config;
 mod conn;
 mod error;
 mod fleet;
+mod http;
 mod lag;
 mod lease;
 mod listener;
@@ -140,7 +145,14 @@ mod status;
 mod supervisor;
 mod token;
 mod topology;
+mod verify;
 
+pub use self::http::{HttpConfig, SameSite, TokenKey};
+#[cfg(feature = "axum")]
+pub use self::http::{
+    MissingSession, RejectedTokens, SessionFuture, SessionLayer, SessionService, SignedTokenError,
+    TokenSigner,
+};
 pub use config::{
     ClusterConfig, Config, ConfigError, ConsistencyConfig, DefaultRead, Fallback, FleetConfig,
     PrimaryConfig, ReplicaConfig, RestartConfig, ServerUrl, Strategy, UnknownCluster,

@@ -85,6 +85,34 @@ impl Session {
         self.inner.mark()
     }
 
+    /// The high-water mark once every lease released so far has reported what it may
+    /// have seen (each release reads its server's position on its connection, after the
+    /// lease is dropped); waits at most `fleet.lease_timeout` for those. This, not
+    /// [`Session::token`], is the token to hand to a later request.
+    pub async fn settled_token(&self) -> Option<Token> {
+        self.wait_released().await;
+        self.token()
+    }
+
+    /// Waits (at most `lease_timeout`) until no release is still reading its upper
+    /// bound; on timeout, the next read goes to the primary.
+    async fn wait_released(&self) {
+        let deadline = Instant::now() + self.cell.current.load().config.fleet.lease_timeout;
+        loop {
+            let notified = self.inner.released.notified();
+            if self.inner.pending.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            if tokio::time::timeout_at(deadline.into(), notified)
+                .await
+                .is_err()
+            {
+                self.inner.unknown.store(true, Ordering::Release);
+                return;
+            }
+        }
+    }
+
     /// Raises the mark to include `token` (a write made elsewhere that this session must see).
     pub fn observe(&self, token: Token) {
         self.inner.advance(token);
@@ -101,21 +129,8 @@ impl Session {
     /// As [`crate::Fleet::lease`].
     pub async fn lease(&self, intent: Intent) -> Result<Lease, Error> {
         let shared = self.cell.current.load_full();
-        let deadline = Instant::now() + shared.config.fleet.lease_timeout;
         // The previous lease's upper bound must be in the mark before routing.
-        loop {
-            let notified = self.inner.released.notified();
-            if self.inner.pending.load(Ordering::Acquire) == 0 {
-                break;
-            }
-            if tokio::time::timeout_at(deadline.into(), notified)
-                .await
-                .is_err()
-            {
-                self.inner.unknown.store(true, Ordering::Release);
-                break;
-            }
-        }
+        self.wait_released().await;
         let intent = match intent {
             Intent::Read(c) if c != Consistency::Strong => {
                 if self.inner.unknown.swap(false, Ordering::AcqRel) {

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use pgfleet::{
-    Config, ConfigError, ConsistencyConfig, DefaultRead, Fallback, FleetConfig, PrimaryConfig,
-    ReplicaConfig, RestartConfig, ServerUrl, Strategy,
+    Config, ConfigError, ConsistencyConfig, DefaultRead, Fallback, FleetConfig, HttpConfig,
+    PrimaryConfig, ReplicaConfig, RestartConfig, SameSite, ServerUrl, Strategy,
 };
 use proptest::prelude::*;
 
@@ -28,6 +28,12 @@ fn example_file_parses_to_the_documented_defaults() -> anyhow::Result<()> {
     // The example sets every key to its default.
     assert_eq!(config.fleet, FleetConfig::default());
     assert_eq!(config.consistency, ConsistencyConfig::default());
+    assert_eq!(config.http, HttpConfig::default());
+    assert_eq!(config.http.cookie_name, "pgfleet_token");
+    assert_eq!(config.http.cookie_max_age, Duration::from_secs(600));
+    assert_eq!(config.http.cookie_same_site, SameSite::Lax);
+    assert_eq!(config.http.header_name, "x-pgfleet-token");
+    assert!(config.http.keys.is_empty());
 
     assert_eq!(config.fleet.lease_timeout, Duration::from_secs(2));
     assert_eq!(config.fleet.probe_interval, Duration::from_millis(250));
@@ -345,6 +351,41 @@ fn bad_configs_name_the_key() {
         (
             format!("{PRIMARY}{}{}", replica("r0", "weight = 0\n"), replica("r1", "weight = 0\n")),
             vec!["replicas[*].weight", "weight 0"],
+        ),
+        // [http]: unknown keys, forms, ranges, keys (whose values are never shown).
+        (format!("[http]\ncookie = \"t\"\n{PRIMARY}"), vec!["http.cookie: unknown field", "line 2"]),
+        (
+            format!("[http]\ncookie_same_site = \"sometimes\"\n{PRIMARY}"),
+            vec!["http.cookie_same_site", "unknown variant `sometimes`", "line 2"],
+        ),
+        (
+            format!("[http]\ncookie_same_site = \"None\"\ncookie_secure = false\n{PRIMARY}"),
+            vec!["http.cookie_same_site", "requires http.cookie_secure = true"],
+        ),
+        (
+            format!("[http]\ncookie_max_age = \"500ms\"\n{PRIMARY}"),
+            vec!["http.cookie_max_age", "at least 1s"],
+        ),
+        (
+            format!("[http]\ncookie_max_age = \"2days\"\n{PRIMARY}"),
+            vec!["http.cookie_max_age", "maximum"],
+        ),
+        (format!("[http]\ncookie_name = \"a b\"\n{PRIMARY}"), vec!["http.cookie_name", "' '"]),
+        (format!("[http]\ncookie_name = \"\"\n{PRIMARY}"), vec!["http.cookie_name: must not be empty"]),
+        (format!("[http]\ncookie_path = \"app\"\n{PRIMARY}"), vec!["http.cookie_path", "start with `/`"]),
+        (format!("[http]\nheader_name = \"x token\"\n{PRIMARY}"), vec!["http.header_name", "' '"]),
+        (format!("[http]\nheader_name = \"Cookie\"\n{PRIMARY}"), vec!["http.header_name", "reserved"]),
+        (
+            format!("[http]\nkeys = [\"{}\", \"short-key\"]\n{PRIMARY}", "k".repeat(32)),
+            vec!["http.keys[1]", "is 9 bytes long", "at least 32 bytes"],
+        ),
+        (
+            format!("[http]\nkeys = \"a-key-given-as-a-string\"\n{PRIMARY}"),
+            vec!["http.keys", "expected an array", "line 2"],
+        ),
+        (
+            format!("[http]\nkeys = [\"${{PGFLEET_TEST_SURELY_UNSET_KEY}}\"]\n{PRIMARY}"),
+            vec!["http.keys[0]", "`PGFLEET_TEST_SURELY_UNSET_KEY`", "not set"],
         ),
     ];
     assert!(cases.len() >= 20);

@@ -79,3 +79,60 @@ fn replace_password(url: &str, password: &str) -> String {
     let user = userinfo.split(':').next().expect("user");
     format!("{scheme}://{user}:{password}@{host}")
 }
+
+/// HMAC signing keys (`[http] keys`) never reach Debug, serialized output or errors,
+/// whether written literally or read from the environment; nor the layer's Debug.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_signing_keys_are_never_shown() -> anyhow::Result<()> {
+    const LITERAL: &str = "literal-signing-key-hunter2-0123456789abcdef";
+    const FROM_ENV: &str = "env-signing-key-hunter3-0123456789abcdef0123";
+    const SHORT: &str = "short-key-hunter4";
+    const VAR: &str = "PGFLEET_SECRETS_TEST_HTTP_KEY";
+    std::env::set_var(VAR, FROM_ENV);
+    let primary = "[primary]\nurl = \"postgres://app@127.0.0.1:1/app\"\n";
+    let text = format!("[http]\nkeys = [\"{LITERAL}\", \"${{{VAR}}}\"]\n{primary}");
+    let config = pgfleet::Config::from_toml_str(&text)?;
+    let shown = [
+        format!("{config:?}"),
+        format!("{:?}", config.http),
+        toml::to_string(&config)?,
+    ];
+    for s in &shown {
+        assert!(!s.contains(LITERAL) && !s.contains(FROM_ENV), "leak: {s}");
+    }
+    // Serialized, a literal key is `***` and an environment key its variable.
+    assert!(shown[2].contains(&format!("${{{VAR}}}")), "{}", shown[2]);
+    assert!(shown[2].contains("\"***\""), "{}", shown[2]);
+
+    // Errors about keys never quote them: too short, or of the wrong type.
+    for bad in [
+        format!("[http]\nkeys = [\"{SHORT}\"]\n{primary}"),
+        format!("[http]\nkeys = \"{SHORT}\"\n{primary}"),
+        format!("[http]\nkeys = [\"{SHORT}\", 3]\n{primary}"),
+        format!("[http]\nkeys = [{{ k = \"{SHORT}\" }}]\n{primary}"),
+    ] {
+        let err = pgfleet::Config::from_toml_str(&bad).expect_err("bad key");
+        assert!(
+            !err.to_string().contains(SHORT) && !format!("{err:?}").contains(SHORT),
+            "leak in {err}"
+        );
+        assert!(
+            err.key().is_some_and(|k| k.starts_with("http.keys")),
+            "{err}"
+        );
+    }
+
+    #[cfg(feature = "axum")]
+    {
+        // No cluster needed: the fleet starts and its servers stay unreachable.
+        let fleet = pgfleet::Fleet::start(config).await?;
+        let layer = pgfleet::SessionLayer::new(&fleet)?;
+        let shown = format!("{layer:?} {:?}", layer.signer());
+        assert!(
+            !shown.contains(LITERAL) && !shown.contains(FROM_ENV),
+            "leak: {shown}"
+        );
+        fleet.shutdown().await;
+    }
+    Ok(())
+}

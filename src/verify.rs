@@ -1,0 +1,180 @@
+//! [`Fleet::verify_token`]: is a token one this cluster may have issued, judged against a
+//! fresh primary position rather than the cached one.
+//!
+//! The published topology's primary position moves with probes and with this fleet's
+//! own commit tokens, so it lags every write made elsewhere (another application
+//! instance, another fleet, a plain client) and every session upper bound read on the
+//! primary at release. A token ahead of it is therefore not judged forged until the
+//! primary has been probed again.
+
+use std::time::Instant;
+
+use crate::fleet::Fleet;
+use crate::lsn::Lsn;
+use crate::token::{Token, TokenError};
+use crate::topology::Topology;
+
+const TARGET: &str = "pgfleet::verify";
+
+/// What the topology says about a token's position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Judgement {
+    /// At or behind the primary's position, or on an earlier timeline (whose switch
+    /// point the lease path checks).
+    Reached,
+    /// Ahead of the primary `idx`'s known position `primary`.
+    Ahead { idx: usize, primary: Lsn },
+    /// No primary position is known (starting up, primary down): nothing to judge by.
+    Unknown,
+}
+
+/// Judges `token` (already checked for system id and timeline) against `t`.
+fn judge(t: &Topology, token: &Token) -> Judgement {
+    let Some(idx) = t.primary_index() else {
+        return Judgement::Unknown;
+    };
+    let Some(view) = t.servers.get(idx) else {
+        return Judgement::Unknown;
+    };
+    if view.timeline.is_some_and(|tl| token.timeline() < tl) {
+        return Judgement::Reached;
+    }
+    // The freshest of the probe's position and the commits this fleet recorded.
+    let Some(primary) = view.lsn.max(t.primary_lsn) else {
+        return Judgement::Unknown;
+    };
+    // A token taken just past a page header names the same position as the boundary
+    // the primary's (normalised) probe reports.
+    let theirs = match view.wal_sizes {
+        Some((block, segment)) => token.lsn().normalize_page_boundary(block, segment),
+        None => token.lsn(),
+    };
+    if theirs <= primary {
+        Judgement::Reached
+    } else {
+        Judgement::Ahead { idx, primary }
+    }
+}
+
+impl Fleet {
+    /// Checks that `token` is one this cluster may have issued: its system identifier
+    /// and timeline (as [`Fleet::check_token`]), and that its position is not ahead of
+    /// the primary's.
+    ///
+    /// The cached primary position lags writes made outside this fleet, so a token ahead
+    /// of it triggers a fresh probe of the primary, and this waits (on topology
+    /// publications, not by sleeping) until the primary's position reaches the token, at
+    /// most twice `fleet.probe_timeout` (a probe already in flight, then the fresh one).
+    /// Only a token still ahead after that is refused. When no primary position is known
+    /// at all (starting up, primary down) the position cannot be judged and the token is
+    /// accepted: reads carrying it are still served only by a server that has replayed
+    /// it, or by the fallback.
+    ///
+    /// # Errors
+    ///
+    /// [`TokenError::ForeignSystem`], [`TokenError::UnknownTimeline`] as
+    /// [`Fleet::check_token`]; [`TokenError::AheadOfPrimary`] for a position the primary
+    /// has not reached.
+    pub async fn verify_token(&self, token: &Token) -> Result<(), TokenError> {
+        self.check_token(token)?;
+        let shared = self.shared();
+        let idx = match judge(&shared.topology.load(), token) {
+            Judgement::Reached | Judgement::Unknown => return Ok(()),
+            Judgement::Ahead { idx, .. } => idx,
+        };
+        if let Some(slot) = shared.slots.get(idx) {
+            slot.probe_now();
+        }
+        let deadline = Instant::now() + shared.config.fleet.probe_timeout * 2;
+        let primary;
+        loop {
+            let notified = shared.changed.notified();
+            self.check_token(token)?;
+            // A statement of its own: the topology guard must not live across the wait.
+            let judgement = judge(&shared.topology.load(), token);
+            match judgement {
+                Judgement::Reached | Judgement::Unknown => {
+                    tracing::debug!(target: TARGET, %token, "token ahead of the cached primary position confirmed by a fresh probe");
+                    return Ok(());
+                }
+                Judgement::Ahead { primary: p, .. } => {
+                    if tokio::time::timeout_at(deadline.into(), notified)
+                        .await
+                        .is_err()
+                    {
+                        primary = p;
+                        break;
+                    }
+                }
+            }
+        }
+        tracing::debug!(target: TARGET, %token, %primary, "token ahead of the primary after a fresh probe");
+        Err(TokenError::AheadOfPrimary {
+            primary,
+            theirs: token.lsn(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topology::{PrimaryState, Role};
+    use std::time::Duration;
+
+    fn topo(primary_lsn: Option<u64>, view_lsn: Option<u64>, timeline: u32) -> Topology {
+        let mut t = Topology::initial(&[0, 1], 1 << 24, Duration::from_secs(5));
+        t.primary = PrimaryState::Known(0);
+        t.primary_lsn = primary_lsn.map(Lsn);
+        t.system_id = Some(7);
+        let v = &mut t.servers[0];
+        v.role = Role::Primary;
+        v.lsn = view_lsn.map(Lsn);
+        v.timeline = Some(timeline);
+        v.wal_sizes = Some((8192, 16 << 20));
+        t
+    }
+
+    #[test]
+    fn at_or_behind_is_reached_ahead_is_not() {
+        let t = topo(Some(1000), Some(900), 2);
+        assert_eq!(judge(&t, &Token::new(7, 2, Lsn(1000))), Judgement::Reached);
+        assert_eq!(judge(&t, &Token::new(7, 2, Lsn(10))), Judgement::Reached);
+        assert_eq!(
+            judge(&t, &Token::new(7, 2, Lsn(1001))),
+            Judgement::Ahead {
+                idx: 0,
+                primary: Lsn(1000)
+            }
+        );
+        // The probe's position counts when it is the fresher one.
+        let t = topo(Some(900), Some(1000), 2);
+        assert_eq!(judge(&t, &Token::new(7, 2, Lsn(1000))), Judgement::Reached);
+    }
+
+    #[test]
+    fn earlier_timeline_is_left_to_the_lease_path() {
+        let t = topo(Some(1000), Some(1000), 2);
+        assert_eq!(judge(&t, &Token::new(7, 1, Lsn(5000))), Judgement::Reached);
+    }
+
+    #[test]
+    fn page_header_offset_is_the_boundary() {
+        // Primary idle at a page boundary; a token 24 bytes past it is the same position.
+        let boundary = 3 * 8192;
+        let t = topo(Some(boundary), Some(boundary), 1);
+        assert_eq!(
+            judge(&t, &Token::new(7, 1, Lsn(boundary + 24))),
+            Judgement::Reached
+        );
+    }
+
+    #[test]
+    fn no_primary_position_is_unknown() {
+        let mut t = topo(None, None, 1);
+        assert_eq!(judge(&t, &Token::new(7, 1, Lsn(1))), Judgement::Unknown);
+        t.primary = PrimaryState::Missing;
+        t.primary_lsn = Some(Lsn(1 << 40));
+        assert_eq!(judge(&t, &Token::new(7, 1, Lsn(1))), Judgement::Unknown);
+    }
+}
