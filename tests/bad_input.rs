@@ -414,6 +414,8 @@ async fn unreachable_replicas_at_start_are_unhealthy_and_the_rest_serves() -> an
     .await?;
     let token = w.commit_token().await?;
     drop(w);
+    // Eventual reads may see replica2 before it replayed the new table.
+    cluster.wait_all_replayed(Duration::from_secs(30)).await?;
     let mut served = std::collections::BTreeMap::<String, usize>::new();
     for i in 0..30 {
         let intent = if i % 2 == 0 {
