@@ -388,9 +388,10 @@ impl Fleet {
     }
 
     /// Stops taking leases, waits for outstanding ones to be returned (at most
-    /// `fleet.shutdown_timeout`), closes the pools and stops the actor tree. Later
-    /// leases fail with [`Error::ShuttingDown`]. Returns how many leases were still out
-    /// when it gave up waiting.
+    /// `fleet.shutdown_timeout`), closes the pools and stops the actor tree — of every
+    /// cluster, whichever cluster's handle it is called on. Later leases fail with
+    /// [`Error::ShuttingDown`]. Returns how many leases were still out when it gave up
+    /// waiting.
     pub async fn shutdown(&self) -> u64 {
         let generations: Vec<Arc<Shared>> = self
             .guard
