@@ -11,7 +11,7 @@ use ractor::{Actor, ActorRef};
 use tokio::sync::Notify;
 
 use crate::config::{Config, DefaultRead, Fallback};
-use crate::conn::NetOptions;
+use crate::conn::{NetOptions, TlsSetup};
 use crate::error::Error;
 use crate::lease::{Consistency, Intent, Lease};
 use crate::router::{RouterMsg, WaitReply, WaitRequest};
@@ -78,13 +78,15 @@ impl Fleet {
         slots.push(ServerSlot::new(
             &p.name,
             p.url.clone(),
+            TlsSetup::new(&config, "primary.url", &p.url)?,
             p.pool_size,
             p.read_weight,
         ));
-        for r in &config.replicas {
+        for (i, r) in config.replicas.iter().enumerate() {
             slots.push(ServerSlot::new(
                 &r.name,
                 r.url.clone(),
+                TlsSetup::new(&config, &format!("replicas[{i}].url"), &r.url)?,
                 r.pool_size,
                 r.weight,
             ));
@@ -869,7 +871,7 @@ async fn try_checkout(
         Ok(c) => Ok(c),
         Err(PoolError::Timeout(TimeoutType::Wait)) => Err(CheckoutError::Timeout(wait)),
         Err(PoolError::Timeout(t)) => Err(CheckoutError::Failed(format!("{t:?} timed out"))),
-        Err(PoolError::Backend(e)) => Err(CheckoutError::Failed(e.0)),
+        Err(PoolError::Backend(e)) => Err(CheckoutError::Failed(e.to_string())),
         Err(PoolError::Closed) => Err(CheckoutError::Failed("pool closed".into())),
         Err(e) => Err(CheckoutError::Failed(e.to_string())),
     }

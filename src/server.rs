@@ -155,6 +155,7 @@ impl Actor for Server {
         let pools = Arc::new(Pools {
             read: build_pool(
                 pg,
+                &slot.tls,
                 true,
                 slot.pool_size,
                 shared.net,
@@ -163,6 +164,7 @@ impl Actor for Server {
             )?,
             write: build_pool(
                 pg,
+                &slot.tls,
                 false,
                 slot.pool_size,
                 shared.net,
@@ -274,9 +276,9 @@ fn start_probe(myself: &ActorRef<ServerMsg>, state: &mut ServerState) {
 
 async fn open_probe_conn(shared: &Shared, idx: usize) -> Result<ProbeConn, String> {
     let slot = &shared.slots[idx];
-    let conn = conn::connect(slot.url.pg_config(), &shared.net, None)
+    let conn = conn::connect(slot.url.pg_config(), &slot.tls, &shared.net, None)
         .await
-        .map_err(|e| e.0)?;
+        .map_err(|e| e.to_string())?;
     let setup = async {
         let row = conn.client.query_one(SIZES_SQL, &[]).await?;
         let sizes = (row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64);

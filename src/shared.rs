@@ -10,7 +10,7 @@ use ractor::ActorRef;
 use tokio::sync::Notify;
 
 use crate::config::{Config, ServerUrl};
-use crate::conn::{ConnRegistry, NetOptions, Pool};
+use crate::conn::{ConnRegistry, NetOptions, Pool, TlsSetup};
 use crate::router::RouterMsg;
 use crate::server::ServerMsg;
 use crate::topology::Topology;
@@ -42,6 +42,8 @@ pub(crate) struct ServerSlot {
     pub(crate) name: Arc<str>,
     /// Where it is (no password in Debug).
     pub(crate) url: ServerUrl,
+    /// How its connections use TLS.
+    pub(crate) tls: TlsSetup,
     /// Pool size from the config.
     pub(crate) pool_size: usize,
     /// Configured read weight (replica `weight`, primary `read_weight`).
@@ -67,10 +69,17 @@ pub(crate) struct ServerSlot {
 }
 
 impl ServerSlot {
-    pub(crate) fn new(name: &str, url: ServerUrl, pool_size: usize, weight: u32) -> Self {
+    pub(crate) fn new(
+        name: &str,
+        url: ServerUrl,
+        tls: TlsSetup,
+        pool_size: usize,
+        weight: u32,
+    ) -> Self {
         ServerSlot {
             name: name.into(),
             url,
+            tls,
             pool_size,
             weight,
             pools: ArcSwapOption::empty(),
