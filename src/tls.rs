@@ -407,6 +407,41 @@ mod tests {
         assert_eq!(signature_digest(b"\x30\x03\x02\x01\x00"), None);
     }
 
+    /// A server that reads the `SSLRequest` and answers `answer`.
+    async fn answering(answer: u8) -> Result<bool, ConnectError> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.expect("accept");
+            let mut request = [0u8; 8];
+            s.read_exact(&mut request).await.expect("request");
+            s.write_all(&[answer, b'X']).await.expect("answer");
+            request
+        });
+        let mut socket = Socket::Tcp(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+        let accepted = request_tls(&mut socket).await;
+        assert_eq!(server.await.expect("server"), SSL_REQUEST);
+        if accepted.is_ok() {
+            // Exactly one byte was read: what follows is still in the socket.
+            let mut next = [0u8; 1];
+            socket.read_exact(&mut next).await.expect("next byte");
+            assert_eq!(next, [b'X']);
+        }
+        accepted
+    }
+
+    #[tokio::test]
+    async fn tls_request_reads_one_byte_of_answer() {
+        assert_eq!(answering(b'S').await, Ok(true));
+        assert_eq!(answering(b'N').await, Ok(false));
+        match answering(b'E').await {
+            Err(ConnectError::Startup(m)) => assert!(m.contains("0x45"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn ca_files_are_checked() {
         let dir = std::env::temp_dir().join(format!("pgfleet-tls-unit-{}", std::process::id()));
