@@ -319,6 +319,8 @@ pub(crate) struct ServerTls {
     pub(crate) server_name: String,
     /// Key path of the setting that set `root_cert`, for errors.
     pub(crate) root_cert_key: String,
+    /// Key path of the server's URL, for errors.
+    pub(crate) url_key: String,
 }
 
 /// `[consistency]`: which replicas may serve which reads, and what happens when
@@ -659,6 +661,7 @@ impl Config {
             direct,
             server_name: url.tls_name.clone(),
             root_cert_key,
+            url_key: key.to_owned(),
         })
     }
 }

@@ -97,7 +97,7 @@ impl Connector {
         };
         let name =
             ServerName::try_from(tls.server_name.clone()).map_err(|_| ConfigError::Invalid {
-                key: tls.root_cert_key.clone(),
+                key: tls.url_key.clone(),
                 message: format!(
                     "`{}` is not a host name or address a TLS certificate can name",
                     tls.server_name
@@ -287,7 +287,16 @@ fn classify(e: &io::Error, host: &str) -> TlsError {
             ..
         }) => TlsError::HostnameMismatch {
             host: host.to_owned(),
-            presented: presented.clone(),
+            // webpki writes them as `DnsName("db1")`; the name alone reads better.
+            presented: presented
+                .iter()
+                .map(|n| {
+                    n.strip_prefix("DnsName(\"")
+                        .and_then(|n| n.strip_suffix("\")"))
+                        .unwrap_or(n)
+                        .to_owned()
+                })
+                .collect(),
         },
         rustls::Error::InvalidCertificate(CertificateError::NotValidForName) => {
             TlsError::HostnameMismatch {
