@@ -180,6 +180,9 @@ pub struct FleetConfig {
     /// `"error"` (`Error::UnknownCluster`) or `"default"` (the top-level cluster).
     /// Default: `"error"`.
     pub unknown_cluster: UnknownCluster,
+    /// `[fleet.tls]`: TLS for every server whose URL does not say otherwise.
+    /// Default: `{ sslmode = "prefer" }` (see [`TlsConfig`]).
+    pub tls: TlsConfig,
 }
 
 impl Default for FleetConfig {
@@ -199,6 +202,7 @@ impl Default for FleetConfig {
             max_waiters: 1024,
             shutdown_timeout: Duration::from_secs(5),
             unknown_cluster: UnknownCluster::Error,
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -230,6 +234,151 @@ impl Default for RestartConfig {
             stable_after: Duration::from_secs(30),
         }
     }
+}
+
+/// `[fleet.tls]`: TLS to the servers, for every server whose URL does not set
+/// its own `sslmode` / `sslrootcert` query parameters (a URL's own parameters
+/// win, key by key).
+///
+/// The keys and values are libpq's, so a setting reads the same here and in a
+/// URL (`postgres://app@db1/app?sslmode=verify-full&sslrootcert=/etc/ca.pem`).
+/// TLS needs pgfleet's `tls` feature; without it, any `sslmode` that needs TLS
+/// (and any `sslrootcert`) is a configuration error, never a plaintext connection.
+/// TLS is never used over a Unix socket (PostgreSQL does not offer it there).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[non_exhaustive]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Whether and how to use TLS; see [`TlsMode`]. Default: `"prefer"`
+    /// (libpq's default).
+    pub sslmode: TlsMode,
+    /// A PEM file of the CA certificates that sign the servers' certificates.
+    /// Required by `verify-ca` and `verify-full`; given with `require` or
+    /// `prefer`, the chain is verified too (as libpq does). Read when the config
+    /// is validated and when the fleet starts. Default: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sslrootcert: Option<PathBuf>,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            sslmode: TlsMode::Prefer,
+            sslrootcert: None,
+        }
+    }
+}
+
+/// `sslmode`: whether and how a connection uses TLS, as in libpq.
+///
+/// | mode | encrypted | chain checked | host name checked |
+/// |---|---|---|---|
+/// | `disable` | never | | |
+/// | `prefer` | if the server accepts TLS | only with `sslrootcert` | |
+/// | `require` | always | only with `sslrootcert` | |
+/// | `verify-ca` | always | yes | |
+/// | `verify-full` | always | yes | yes |
+///
+/// libpq's `allow` is not supported.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[non_exhaustive]
+#[serde(rename_all = "kebab-case")]
+pub enum TlsMode {
+    /// `"disable"`: plaintext only.
+    Disable,
+    /// `"prefer"`: TLS if the server accepts it, else plaintext (without the `tls`
+    /// feature: plaintext). The default.
+    #[default]
+    Prefer,
+    /// `"require"`: TLS or no connection; the certificate is not verified unless
+    /// `sslrootcert` is given.
+    Require,
+    /// `"verify-ca"`: TLS with a certificate signed by a CA in `sslrootcert`; the host
+    /// name is not checked.
+    VerifyCa,
+    /// `"verify-full"`: as `verify-ca`, and the certificate must name the host the
+    /// URL connects to.
+    VerifyFull,
+}
+
+impl TlsMode {
+    /// The libpq spelling: `"disable"`, `"prefer"`, `"require"`, `"verify-ca"`,
+    /// `"verify-full"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsMode::Disable => "disable",
+            TlsMode::Prefer => "prefer",
+            TlsMode::Require => "require",
+            TlsMode::VerifyCa => "verify-ca",
+            TlsMode::VerifyFull => "verify-full",
+        }
+    }
+
+    /// Whether a connection in this mode must be encrypted.
+    pub fn needs_tls(self) -> bool {
+        matches!(
+            self,
+            TlsMode::Require | TlsMode::VerifyCa | TlsMode::VerifyFull
+        )
+    }
+}
+
+impl fmt::Display for TlsMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for TlsMode {
+    type Err = ConfigError;
+
+    /// Parses libpq's spelling.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Invalid`] (key `sslmode`) for anything else, `allow` included.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        parse_sslmode(s).map_err(|e| invalid("sslmode", e))
+    }
+}
+
+fn parse_sslmode(s: &str) -> Result<TlsMode, String> {
+    Ok(match s {
+        "disable" => TlsMode::Disable,
+        "prefer" => TlsMode::Prefer,
+        "require" => TlsMode::Require,
+        "verify-ca" => TlsMode::VerifyCa,
+        "verify-full" => TlsMode::VerifyFull,
+        "allow" => {
+            return Err(
+                "invalid value for option `sslmode`: `allow` is not supported; use `prefer` or `disable`"
+                    .to_owned(),
+            )
+        }
+        _ => {
+            return Err(
+                "invalid value for option `sslmode`: expected disable, prefer, require, verify-ca or verify-full"
+                    .to_owned(),
+            )
+        }
+    })
+}
+
+/// TLS settings of one server, resolved from its URL and `[fleet.tls]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct ServerTls {
+    /// The mode in effect (`Disable` on a Unix socket).
+    pub(crate) mode: TlsMode,
+    /// The CA file; `None` when not given or when `mode` is `Disable`.
+    pub(crate) root_cert: Option<PathBuf>,
+    /// `sslnegotiation=direct`: TLS from the first byte, no `SSLRequest`.
+    pub(crate) direct: bool,
+    /// The name the certificate is checked against (the URL's host, else its hostaddr).
+    pub(crate) server_name: String,
+    /// Key path of the setting that set `root_cert`, for errors.
+    pub(crate) root_cert_key: String,
+    /// Key path of the server's URL, for errors.
+    pub(crate) url_key: String,
 }
 
 /// `[consistency]`: which replicas may serve which reads, and what happens when
@@ -475,7 +624,7 @@ impl Config {
         self.consistency.validate(&self.fleet)?;
         self.http.validate()?;
 
-        validate_servers("", &self.primary, &self.replicas)?;
+        validate_servers(self, "", &self.primary, &self.replicas)?;
         for (name, c) in &self.clusters {
             let key = format!("clusters.{name}");
             if name.is_empty()
@@ -492,20 +641,23 @@ impl Config {
                     ),
                 ));
             }
-            validate_servers(&format!("{key}."), &c.primary, &c.replicas)?;
+            validate_servers(self, &format!("{key}."), &c.primary, &c.replicas)?;
         }
         Ok(())
     }
 }
 
 /// Checks one cluster's servers; keys are prefixed with `prefix` (`""` or `clusters.NAME.`).
+/// `config` supplies the `[fleet.tls]` defaults.
 fn validate_servers(
+    config: &Config,
     prefix: &str,
     primary: &PrimaryConfig,
     replicas: &[ReplicaConfig],
 ) -> Result<(), ConfigError> {
     check_name(&format!("{prefix}primary.name"), &primary.name)?;
     check_url(&format!("{prefix}primary.url"), &primary.url)?;
+    config.server_tls(&format!("{prefix}primary.url"), &primary.url)?;
     check_pool_size(&format!("{prefix}primary.pool_size"), primary.pool_size)?;
     check_weight(&format!("{prefix}primary.read_weight"), primary.read_weight)?;
 
@@ -528,6 +680,7 @@ fn validate_servers(
             ));
         }
         check_url(&key("url"), &replica.url)?;
+        config.server_tls(&key("url"), &replica.url)?;
         check_pool_size(&key("pool_size"), replica.pool_size)?;
         check_weight(&key("weight"), replica.weight)?;
     }
@@ -539,6 +692,84 @@ fn validate_servers(
         ));
     }
     Ok(())
+}
+
+impl Config {
+    /// The TLS settings of the server whose URL is `url` (at key path `key`): its
+    /// URL's `sslmode` / `sslrootcert`, else `[fleet.tls]`'s. Checks that the build
+    /// can honour them and that the CA file reads as PEM certificates.
+    pub(crate) fn server_tls(&self, key: &str, url: &ServerUrl) -> Result<ServerTls, ConfigError> {
+        let fleet = &self.fleet.tls;
+        let (mode, mode_key) = match url.sslmode {
+            Some(mode) => (mode, key.to_owned()),
+            None => (fleet.sslmode, "fleet.tls.sslmode".to_owned()),
+        };
+        let (root_cert, root_cert_key) = match (&url.sslrootcert, &fleet.sslrootcert) {
+            (Some(path), _) => (Some(path.clone()), key.to_owned()),
+            (None, Some(path)) => (Some(path.clone()), "fleet.tls.sslrootcert".to_owned()),
+            (None, None) => (None, String::new()),
+        };
+        let direct =
+            url.config.get_ssl_negotiation() == tokio_postgres::config::SslNegotiation::Direct;
+        let uses_tls = mode != TlsMode::Disable;
+
+        if !cfg!(feature = "tls") {
+            if mode.needs_tls() {
+                return Err(ConfigError::TlsNotBuilt {
+                    key: mode_key,
+                    setting: format!("sslmode={mode}"),
+                });
+            }
+            if uses_tls && root_cert.is_some() {
+                return Err(ConfigError::TlsNotBuilt {
+                    key: root_cert_key,
+                    setting: "sslrootcert".to_owned(),
+                });
+            }
+        }
+        if matches!(mode, TlsMode::VerifyCa | TlsMode::VerifyFull) && root_cert.is_none() {
+            return Err(invalid(
+                mode_key,
+                format!(
+                    "sslmode={mode} needs sslrootcert (a PEM file of the CA certificates that sign the server's certificate), in the URL or in [fleet.tls]"
+                ),
+            ));
+        }
+        if direct && mode == TlsMode::Prefer {
+            return Err(invalid(
+                key,
+                "sslnegotiation=direct needs sslmode=require or stronger (as in libpq, `prefer` cannot fall back to plaintext from it)",
+            ));
+        }
+        if let Some(path) = root_cert.as_deref().filter(|_| uses_tls) {
+            if path.as_os_str() == "system" {
+                return Err(invalid(
+                    root_cert_key,
+                    "sslrootcert=system (the operating system's trust store) is not supported; give a CA file",
+                ));
+            }
+            #[cfg(feature = "tls")]
+            crate::tls::read_roots(path).map_err(|reason| ConfigError::CaFile {
+                key: root_cert_key.clone(),
+                path: path.to_owned(),
+                reason,
+            })?;
+        }
+        // PostgreSQL offers no TLS on a Unix socket (libpq ignores sslmode there too).
+        let mode = if url.unix_socket {
+            TlsMode::Disable
+        } else {
+            mode
+        };
+        Ok(ServerTls {
+            mode,
+            root_cert: root_cert.filter(|_| mode != TlsMode::Disable),
+            direct,
+            server_name: url.tls_name.clone(),
+            root_cert_key,
+            url_key: key.to_owned(),
+        })
+    }
 }
 
 impl FleetConfig {
@@ -745,6 +976,25 @@ pub enum ConfigError {
         /// Name of the unset variable.
         var: String,
     },
+    /// The configuration asks for TLS, but pgfleet was built without the `tls` feature.
+    #[error("{key}: {setting} needs TLS, but pgfleet was built without the tls feature")]
+    TlsNotBuilt {
+        /// Key path of the setting: a URL (e.g. `primary.url`) or `fleet.tls.sslmode`.
+        key: String,
+        /// The setting, e.g. `sslmode=verify-full` or `sslrootcert`.
+        setting: String,
+    },
+    /// The CA file (`sslrootcert`) cannot be read or holds no PEM certificate.
+    #[error("{key}: sslrootcert {}: {reason}", path.display())]
+    CaFile {
+        /// Key path of the setting: a URL (e.g. `replicas[0].url`) or
+        /// `fleet.tls.sslrootcert`.
+        key: String,
+        /// The file.
+        path: PathBuf,
+        /// Why it cannot be used.
+        reason: String,
+    },
 }
 
 impl ConfigError {
@@ -753,7 +1003,10 @@ impl ConfigError {
         match self {
             ConfigError::Io { .. } => None,
             ConfigError::Syntax { key, .. } => key.as_deref(),
-            ConfigError::Invalid { key, .. } | ConfigError::MissingEnv { key, .. } => Some(key),
+            ConfigError::Invalid { key, .. }
+            | ConfigError::MissingEnv { key, .. }
+            | ConfigError::TlsNotBuilt { key, .. }
+            | ConfigError::CaFile { key, .. } => Some(key),
         }
     }
 }
@@ -895,6 +1148,11 @@ fn find_ascii_case_insensitive(haystack: &str, needle: &str) -> Option<usize> {
 /// Accepted forms are those of [`tokio_postgres::Config`]: a URL
 /// (`postgres://user:password@host:5432/dbname?sslmode=prefer`, or
 /// `postgresql://`) or libpq's `key=value` form (`host=h user=u dbname=d`).
+/// pgfleet reads two parameters itself, as libpq does: `sslmode` (`disable`,
+/// `prefer`, `require`, `verify-ca`, `verify-full`; see [`TlsMode`]) and
+/// `sslrootcert` (a CA file); when absent, `[fleet.tls]` applies. With `hostaddr`,
+/// the connection goes to that address and `verify-full` checks the certificate
+/// against the host name.
 /// It must name exactly one host and a user. The host is a TCP host name or
 /// address, or (on Unix) a socket directory starting with `/`, e.g.
 /// `postgres://app@%2Fvar%2Frun%2Fpostgresql/app`.
@@ -926,6 +1184,13 @@ pub struct ServerUrl {
     /// Environment variable named by a `${NAME}` password that was unset when
     /// this URL was parsed; [`Config::validate`] reports it with its key.
     missing_env: Option<String>,
+    /// The `sslmode` parameter, if given (else `[fleet.tls]` decides).
+    sslmode: Option<TlsMode>,
+    /// The `sslrootcert` parameter, if given (else `[fleet.tls]` decides).
+    sslrootcert: Option<PathBuf>,
+    /// The name a server certificate must hold under `verify-full`: the host, or the
+    /// `hostaddr` when no host is given (as libpq).
+    tls_name: String,
 }
 
 impl ServerUrl {
@@ -977,6 +1242,18 @@ impl ServerUrl {
         self.config.get_dbname()
     }
 
+    /// The `sslmode` query parameter (or `key=value` pair), if given; when it is
+    /// not, `fleet.tls.sslmode` applies.
+    pub fn sslmode(&self) -> Option<TlsMode> {
+        self.sslmode
+    }
+
+    /// The `sslrootcert` query parameter (or `key=value` pair), if given; when it is
+    /// not, `fleet.tls.sslrootcert` applies.
+    pub fn sslrootcert(&self) -> Option<&Path> {
+        self.sslrootcert.as_deref()
+    }
+
     /// The URL as written, with the password (if any) replaced by `***`:
     /// `postgres://app:***@10.0.0.1:5432/app`. Safe to log.
     pub fn redacted(&self) -> String {
@@ -1006,9 +1283,32 @@ impl ServerUrl {
             }
         }
 
+        // pgfleet negotiates TLS itself: its parameters never reach tokio-postgres.
+        let (rest, tls) = match url_prefix {
+            Some(prefix) => take_tls_params_url(raw, prefix.len())?,
+            None => take_tls_params_kv(raw),
+        };
+        let sslmode = tls
+            .sslmode
+            .as_deref()
+            .map(parse_sslmode)
+            .transpose()
+            .map_err(UrlError::Parse)?;
+        let sslrootcert = match tls.sslrootcert {
+            Some(path) if path.is_empty() => {
+                return Err(UrlError::Parse("`sslrootcert` is empty".to_owned()))
+            }
+            other => other.map(PathBuf::from),
+        };
         let mut config =
-            tokio_postgres::Config::from_str(raw).map_err(|e| UrlError::Parse(describe(&e)))?;
+            tokio_postgres::Config::from_str(&rest).map_err(|e| UrlError::Parse(describe(&e)))?;
+        config.ssl_mode(tokio_postgres::config::SslMode::Disable);
 
+        let tls_name = match (config.get_hosts(), config.get_hostaddrs()) {
+            ([tokio_postgres::config::Host::Tcp(name)], _) => name.clone(),
+            (_, [addr]) => addr.to_string(),
+            _ => String::new(),
+        };
         let (host, unix_socket) = match (config.get_hosts(), config.get_hostaddrs()) {
             ([host], [] | [_]) => match host {
                 tokio_postgres::config::Host::Tcp(name) => (name.clone(), false),
@@ -1064,6 +1364,9 @@ impl ServerUrl {
             port,
             user,
             missing_env,
+            sslmode,
+            sslrootcert,
+            tls_name,
         })
     }
 }
@@ -1227,6 +1530,34 @@ fn percent_decode(s: &str) -> Option<String> {
 fn redact_key_value(raw: &str) -> String {
     let mut out = String::with_capacity(raw.len());
     let mut copied = 0;
+    for pair in kv_pairs(raw) {
+        if pair.key == "password" {
+            out.push_str(&raw[copied..pair.value.start]);
+            out.push_str("***");
+            copied = pair.value.end.max(pair.value.start);
+        }
+    }
+    out.push_str(&raw[copied..]);
+    out
+}
+
+/// One `key=value` pair of a libpq connection string, as byte ranges of it.
+#[derive(Debug)]
+struct KvPair<'a> {
+    /// The keyword.
+    key: &'a str,
+    /// From the keyword's first byte to past the value (and its closing quote).
+    span: std::ops::Range<usize>,
+    /// The value as written, between its quotes if quoted (escapes not undone).
+    value: std::ops::Range<usize>,
+}
+
+/// The `key=value` pairs of a libpq connection string, tokenized as tokio-postgres
+/// does: keywords run to whitespace or `=`, values are `'quoted'` or run to
+/// whitespace, and `\` escapes the next character in both. Stops at the first
+/// malformed pair (tokio-postgres rejects the string anyway).
+fn kv_pairs(raw: &str) -> Vec<KvPair<'_>> {
+    let mut pairs = Vec::new();
     let mut chars = raw.char_indices().peekable();
     let skip_ws = |chars: &mut std::iter::Peekable<std::str::CharIndices<'_>>| {
         while chars.next_if(|(_, c)| c.is_whitespace()).is_some() {}
@@ -1266,14 +1597,97 @@ fn redact_key_value(raw: &str) -> String {
         if quoted {
             chars.next();
         }
-        if key == "password" {
-            out.push_str(&raw[copied..value_start]);
-            out.push_str("***");
-            copied = value_end.max(value_start);
+        let end = chars.peek().map_or(raw.len(), |&(i, _)| i);
+        pairs.push(KvPair {
+            key,
+            span: key_start..end,
+            value: value_start..value_end.max(value_start),
+        });
+    }
+    pairs
+}
+
+/// The TLS parameters of a connection string, which pgfleet handles itself
+/// (tokio-postgres knows neither `verify-*` modes nor `sslrootcert`).
+#[derive(Debug, Default)]
+struct TlsParams {
+    /// `sslmode`, as written.
+    sslmode: Option<String>,
+    /// `sslrootcert`, decoded.
+    sslrootcert: Option<String>,
+}
+
+/// Whether pgfleet, not tokio-postgres, reads this connection parameter.
+fn is_tls_param(key: &str) -> bool {
+    key == "sslmode" || key == "sslrootcert"
+}
+
+/// Splits the TLS parameters off a URL-form connection string (`prefix_len`: the
+/// scheme's length): returns the string without them, and their values. The
+/// credentials run to the first `@` and the query starts at the next `?`, as in
+/// [`redact_url`].
+fn take_tls_params_url(raw: &str, prefix_len: usize) -> Result<(String, TlsParams), UrlError> {
+    let rest = &raw[prefix_len..];
+    let query_from = match rest.find('@') {
+        Some(at) => rest[at..].find('?').map(|q| prefix_len + at + q),
+        None => rest.find('?').map(|q| prefix_len + q),
+    };
+    let Some(q) = query_from else {
+        return Ok((raw.to_owned(), TlsParams::default()));
+    };
+    let mut params = TlsParams::default();
+    let mut kept = Vec::new();
+    for pair in raw[q + 1..].split('&') {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match percent_decode(key).as_deref() {
+            Some(name) if is_tls_param(name) => {
+                let value = percent_decode(value).ok_or_else(|| {
+                    UrlError::Parse(format!("malformed percent-encoding in `{name}`"))
+                })?;
+                if name == "sslmode" {
+                    params.sslmode = Some(value);
+                } else {
+                    params.sslrootcert = Some(value);
+                }
+            }
+            _ => kept.push(pair),
         }
     }
+    let mut out = raw[..q].to_owned();
+    if !kept.is_empty() {
+        out.push('?');
+        out.push_str(&kept.join("&"));
+    }
+    Ok((out, params))
+}
+
+/// Like [`take_tls_params_url`] for libpq's `key=value` form.
+fn take_tls_params_kv(raw: &str) -> (String, TlsParams) {
+    let mut params = TlsParams::default();
+    let mut out = String::with_capacity(raw.len());
+    let mut copied = 0;
+    for pair in kv_pairs(raw) {
+        if !is_tls_param(pair.key) {
+            continue;
+        }
+        let mut value = String::new();
+        let mut chars = raw[pair.value.clone()].chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => value.extend(chars.next()),
+                c => value.push(c),
+            }
+        }
+        if pair.key == "sslmode" {
+            params.sslmode = Some(value);
+        } else {
+            params.sslrootcert = Some(value);
+        }
+        out.push_str(&raw[copied..pair.span.start]);
+        copied = pair.span.end;
+    }
     out.push_str(&raw[copied..]);
-    out
+    (out, params)
 }
 
 impl fmt::Display for ServerUrl {
@@ -1488,6 +1902,205 @@ mod tests {
             assert!(err.contains(want), "{raw}: {err}");
             assert!(!err.contains("pw@") && !err.contains("Secret99"), "{err}");
         }
+    }
+
+    #[test]
+    fn sslmode_parses_libpq_spellings_only() {
+        for mode in [
+            TlsMode::Disable,
+            TlsMode::Prefer,
+            TlsMode::Require,
+            TlsMode::VerifyCa,
+            TlsMode::VerifyFull,
+        ] {
+            assert_eq!(mode.as_str().parse::<TlsMode>().ok(), Some(mode));
+            assert_eq!(mode.to_string(), mode.as_str());
+        }
+        assert_eq!(TlsMode::default(), TlsMode::Prefer);
+        for bad in ["allow", "VERIFY-FULL", "verify_full", "", "on"] {
+            let err = bad.parse::<TlsMode>().err().map(|e| e.to_string());
+            assert!(
+                err.as_deref().is_some_and(|e| e.starts_with("sslmode: ")),
+                "{bad}: {err:?}"
+            );
+        }
+        assert!(!TlsMode::Prefer.needs_tls() && TlsMode::Require.needs_tls());
+    }
+
+    #[test]
+    fn tls_parameters_are_taken_from_both_url_forms() -> Result<(), ConfigError> {
+        let url = ServerUrl::parse(
+            "postgres://app:p?w@h:5433/db?application_name=x&sslmode=verify-full&sslrootcert=%2Fetc%2Fca%20dir%2Fca.pem",
+        )?;
+        assert_eq!(url.sslmode(), Some(TlsMode::VerifyFull));
+        assert_eq!(url.sslrootcert(), Some(Path::new("/etc/ca dir/ca.pem")));
+        assert_eq!(url.pg_config().get_application_name(), Some("x"));
+        assert_eq!(url.pg_config().get_password(), Some(&b"p?w"[..]));
+        assert_eq!(url.tls_name, "h");
+        // Shown as written (the password aside).
+        assert!(url
+            .redacted()
+            .ends_with("sslrootcert=%2Fetc%2Fca%20dir%2Fca.pem"));
+
+        let url = ServerUrl::parse("postgres://app@h/db?sslmode=require")?;
+        assert_eq!(
+            (url.sslmode(), url.sslrootcert()),
+            (Some(TlsMode::Require), None)
+        );
+        let url = ServerUrl::parse("postgres://app@h/db")?;
+        assert_eq!((url.sslmode(), url.sslrootcert()), (None, None));
+
+        let url = ServerUrl::parse(
+            r"host=h user=u sslmode = verify-ca sslrootcert='/a b/c\'d.pem' dbname=d",
+        )?;
+        assert_eq!(url.sslmode(), Some(TlsMode::VerifyCa));
+        assert_eq!(url.sslrootcert(), Some(Path::new("/a b/c'd.pem")));
+        assert_eq!(url.dbname(), Some("d"));
+
+        // hostaddr: the certificate is checked against the host name.
+        let url = ServerUrl::parse("postgres://u@db.example/d?hostaddr=127.0.0.1")?;
+        assert_eq!(url.tls_name, "db.example");
+        let url = ServerUrl::parse("hostaddr=127.0.0.1 user=u")?;
+        assert_eq!(url.tls_name, "127.0.0.1");
+
+        for (raw, want) in [
+            ("postgres://u@h/d?sslmode=allow", "`allow` is not supported"),
+            ("postgres://u@h/d?sslmode=verify", "`sslmode`"),
+            ("postgres://u@h/d?sslrootcert=", "`sslrootcert` is empty"),
+            (
+                "postgres://u@h/d?sslrootcert=%zz",
+                "percent-encoding in `sslrootcert`",
+            ),
+            ("host=h user=u sslmode=sometimes", "`sslmode`"),
+        ] {
+            let err = ServerUrl::parse(raw).err().map(|e| e.to_string());
+            assert!(
+                err.as_deref().is_some_and(|e| e.contains(want)),
+                "{raw}: {err:?}"
+            );
+        }
+        Ok(())
+    }
+
+    fn tls_config(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml_str(text)
+    }
+
+    #[test]
+    fn url_tls_settings_override_fleet_tls() -> Result<(), ConfigError> {
+        let config = tls_config(
+            "[fleet.tls]\nsslmode = \"disable\"\n[primary]\nurl = \"postgres://a@h/d?sslmode=prefer\"\n[[replicas]]\nname = \"r\"\nurl = \"postgres://a@h2/d\"\n",
+        )?;
+        assert_eq!(config.fleet.tls.sslmode, TlsMode::Disable);
+        let primary = config.server_tls("primary.url", &config.primary.url)?;
+        assert_eq!(primary.mode, TlsMode::Prefer);
+        let replica = config.server_tls("replicas[0].url", &config.replicas[0].url)?;
+        assert_eq!(replica.mode, TlsMode::Disable);
+        // A Unix socket never uses TLS.
+        let config = tls_config("[primary]\nurl = \"postgres://a@%2Ftmp/d\"\n")?;
+        let unix = config.server_tls("primary.url", &config.primary.url)?;
+        assert_eq!(unix.mode, TlsMode::Disable);
+        // Unknown keys in [fleet.tls] are errors.
+        let err =
+            tls_config("[fleet.tls]\nsslcert = \"x\"\n[primary]\nurl = \"postgres://a@h/d\"\n")
+                .err()
+                .map(|e| e.to_string());
+        assert!(
+            err.as_deref()
+                .is_some_and(|e| e.starts_with("fleet.tls.sslcert: unknown field `sslcert`")),
+            "{err:?}"
+        );
+        Ok(())
+    }
+
+    #[cfg(not(feature = "tls"))]
+    #[test]
+    fn tls_without_the_feature_is_a_config_error() {
+        let cases = [
+            (
+                "[fleet.tls]\nsslmode = \"verify-full\"\n[primary]\nurl = \"postgres://a@h/d\"\n",
+                "fleet.tls.sslmode",
+                "sslmode=verify-full",
+            ),
+            (
+                "[primary]\nurl = \"postgres://a@h/d?sslmode=require\"\n",
+                "primary.url",
+                "sslmode=require",
+            ),
+            (
+                "[fleet.tls]\nsslrootcert = \"/ca.pem\"\n[primary]\nurl = \"postgres://a@h/d\"\n",
+                "fleet.tls.sslrootcert",
+                "sslrootcert",
+            ),
+            (
+                "[primary]\nurl = \"postgres://a@h/d\"\n[[replicas]]\nname = \"r\"\nurl = \"postgres://a@h/d?sslmode=verify-ca&sslrootcert=/x\"\n",
+                "replicas[0].url",
+                "sslmode=verify-ca",
+            ),
+        ];
+        for (text, key, setting) in cases {
+            match tls_config(text) {
+                Err(e @ ConfigError::TlsNotBuilt { .. }) => {
+                    assert_eq!(e.key(), Some(key));
+                    let shown = e.to_string();
+                    assert!(shown.contains(setting), "{shown}");
+                    assert!(shown.contains("built without the tls feature"), "{shown}");
+                }
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+        // prefer (the default) and disable are plaintext and need nothing.
+        assert!(tls_config("[primary]\nurl = \"postgres://a@h/d?sslmode=prefer\"\n").is_ok());
+        assert!(tls_config(
+            "[fleet.tls]\nsslmode = \"disable\"\n[primary]\nurl = \"postgres://a@h/d\"\n"
+        )
+        .is_ok());
+    }
+
+    #[cfg(feature = "tls")]
+    #[test]
+    fn tls_settings_are_checked() {
+        let missing = std::env::temp_dir().join("pgfleet-no-such-ca.pem");
+        let text = format!(
+            "[fleet.tls]\nsslrootcert = \"{}\"\n[primary]\nurl = \"postgres://a@h/d\"\n",
+            missing.display()
+        );
+        match tls_config(&text) {
+            Err(ConfigError::CaFile { key, path, reason }) => {
+                assert_eq!(key, "fleet.tls.sslrootcert");
+                assert_eq!(path, missing);
+                assert!(reason.contains("No such file"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let text = format!(
+            "[primary]\nurl = \"postgres://a@h/d?sslmode=verify-ca&sslrootcert={}\"\n",
+            missing.display()
+        );
+        let err = tls_config(&text).err();
+        assert_eq!(err.as_ref().and_then(ConfigError::key), Some("primary.url"));
+        assert!(err.is_some_and(|e| e.to_string().contains(&missing.display().to_string())),);
+        // verify-* need a CA; a CA is not read when TLS is off.
+        let err = tls_config("[primary]\nurl = \"postgres://a@h/d?sslmode=verify-full\"\n")
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            err.as_deref().is_some_and(
+                |e| e.starts_with("primary.url: sslmode=verify-full needs sslrootcert")
+            ),
+            "{err:?}"
+        );
+        let text = format!(
+            "[fleet.tls]\nsslmode = \"disable\"\nsslrootcert = \"{}\"\n[primary]\nurl = \"postgres://a@h/d\"\n",
+            missing.display()
+        );
+        assert!(tls_config(&text).is_ok());
+        let err = tls_config(
+            "[primary]\nurl = \"postgres://a@h/d?sslmode=prefer&sslnegotiation=direct\"\n",
+        )
+        .err()
+        .map(|e| e.to_string());
+        assert!(err.is_some_and(|e| e.contains("sslnegotiation=direct")));
     }
 
     #[test]

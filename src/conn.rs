@@ -26,7 +26,11 @@ use tokio::sync::Notify;
 use tokio_postgres::config::Host;
 use tokio_postgres::{Client, NoTls};
 
-use crate::error::READ_ONLY_SQL_TRANSACTION;
+use crate::config::{Config, ConfigError, ServerTls, ServerUrl, TlsMode};
+use crate::error::{ConnectError, Error, READ_ONLY_SQL_TRANSACTION};
+
+/// Tracing target of this module.
+const TARGET: &str = "pgfleet::conn";
 
 /// Transaction status from the last `ReadyForQuery`: idle.
 const TX_IDLE: u8 = b'I';
@@ -134,8 +138,8 @@ enum Frame {
 /// An `AsyncRead + AsyncWrite` wrapper that parses the framing of backend messages
 /// (type byte, 4-byte length) to record `ReadyForQuery` status and SQLSTATE 25006.
 ///
-/// It only counts bytes; the driver still parses everything. Not used under TLS (issue
-/// for TLS wraps the plaintext side instead).
+/// It only counts bytes; the driver still parses everything. Under TLS it wraps the TLS
+/// stream (see `tls`), so it always reads the plaintext protocol.
 #[derive(Debug)]
 pub(crate) struct SniffStream<S> {
     inner: S,
@@ -203,6 +207,12 @@ fn observe_out(out: &mut Out, state: &ConnState, mut data: &[u8]) {
 }
 
 impl<S> SniffStream<S> {
+    /// The wrapped stream.
+    #[cfg_attr(not(feature = "tls"), allow(dead_code))]
+    pub(crate) fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
     pub(crate) fn new(inner: S, state: Arc<ConnState>) -> Self {
         SniffStream {
             inner,
@@ -441,10 +451,43 @@ pub(crate) struct NetOptions {
     pub(crate) tcp_user_timeout: Duration,
 }
 
-/// Why a connection could not be made. Never contains the password.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{0}")]
-pub(crate) struct ConnectError(pub(crate) String);
+/// How one server's connections negotiate TLS, resolved from its URL and `[fleet.tls]`
+/// once, when the fleet starts (the CA file is read then).
+#[derive(Debug, Clone)]
+pub(crate) struct TlsSetup {
+    /// The settings in effect.
+    settings: ServerTls,
+    /// The rustls client configuration; `None` when `sslmode=disable`.
+    #[cfg(feature = "tls")]
+    connector: Option<crate::tls::Connector>,
+}
+
+impl TlsSetup {
+    /// The setup of the server at key path `key` (`primary.url`, `replicas[0].url`).
+    ///
+    /// # Errors
+    ///
+    /// What [`Config::validate`] reports for its TLS settings (an unreadable CA file, a
+    /// mode this build cannot honour).
+    pub(crate) fn new(config: &Config, key: &str, url: &ServerUrl) -> Result<Self, ConfigError> {
+        let settings = config.server_tls(key, url)?;
+        #[cfg(feature = "tls")]
+        let connector = match settings.mode {
+            TlsMode::Disable => None,
+            _ => Some(crate::tls::Connector::new(&settings)?),
+        };
+        Ok(TlsSetup {
+            settings,
+            #[cfg(feature = "tls")]
+            connector,
+        })
+    }
+
+    /// The `sslmode` in effect.
+    pub(crate) fn mode(&self) -> TlsMode {
+        self.settings.mode
+    }
+}
 
 /// An open connection and what we know about it.
 #[derive(Debug)]
@@ -459,44 +502,64 @@ pub(crate) struct PgConn {
     pub(crate) postmaster_start_us: i64,
 }
 
-async fn open_socket(host: &Host, port: u16, net: &NetOptions) -> io::Result<Socket> {
-    match host {
-        Host::Tcp(name) => {
-            let mut last = io::Error::new(io::ErrorKind::NotFound, "host resolved to no address");
-            for addr in tokio::net::lookup_host((name.as_str(), port)).await? {
-                match TcpStream::connect(addr).await {
-                    Ok(stream) => {
-                        stream.set_nodelay(true)?;
-                        let sock = socket2::SockRef::from(&stream);
-                        sock.set_tcp_keepalive(
-                            &socket2::TcpKeepalive::new()
-                                .with_time(net.tcp_keepalive)
-                                .with_interval(net.tcp_keepalive.min(Duration::from_secs(5))),
-                        )?;
-                        sock.set_tcp_user_timeout(Some(net.tcp_user_timeout))?;
-                        return Ok(Socket::Tcp(stream));
-                    }
-                    Err(e) => last = e,
-                }
-            }
-            Err(last)
+/// Opens the socket to `pg`'s server: its `hostaddr` if given (libpq's rule: the host
+/// name then serves only to check the certificate), else its host.
+async fn open_socket(pg: &tokio_postgres::Config, net: &NetOptions) -> io::Result<Socket> {
+    let port = pg.get_ports().first().copied().unwrap_or(5432);
+    if let Some(&addr) = pg.get_hostaddrs().first() {
+        return tcp_socket(&[std::net::SocketAddr::new(addr, port)], net).await;
+    }
+    match pg.get_hosts().first() {
+        Some(Host::Tcp(name)) => {
+            let addrs: Vec<_> = tokio::net::lookup_host((name.as_str(), port))
+                .await?
+                .collect();
+            tcp_socket(&addrs, net).await
         }
-        Host::Unix(dir) => {
+        #[cfg(unix)]
+        Some(Host::Unix(dir)) => {
             let path = dir.join(format!(".s.PGSQL.{port}"));
             Ok(Socket::Unix(tokio::net::UnixStream::connect(path).await?))
         }
+        None => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the URL names no host",
+        )),
     }
+}
+
+/// A TCP connection to the first of `addrs` that accepts, with our socket options.
+async fn tcp_socket(addrs: &[std::net::SocketAddr], net: &NetOptions) -> io::Result<Socket> {
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "host resolved to no address");
+    for &addr in addrs {
+        match TcpStream::connect(addr).await {
+            Ok(stream) => {
+                stream.set_nodelay(true)?;
+                let sock = socket2::SockRef::from(&stream);
+                sock.set_tcp_keepalive(
+                    &socket2::TcpKeepalive::new()
+                        .with_time(net.tcp_keepalive)
+                        .with_interval(net.tcp_keepalive.min(Duration::from_secs(5))),
+                )?;
+                sock.set_tcp_user_timeout(Some(net.tcp_user_timeout))?;
+                return Ok(Socket::Tcp(stream));
+            }
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
 }
 
 /// Opens one connection: socket, options, startup and authentication, all under
 /// `net.connect_timeout`, then reads the postmaster start time.
 pub(crate) async fn connect(
     pg: &tokio_postgres::Config,
+    tls: &TlsSetup,
     net: &NetOptions,
     registry: Option<&ConnRegistry>,
 ) -> Result<PgConn, ConnectError> {
     // Same connect; with the receiver dropped, asynchronous messages are discarded.
-    connect_with_messages(pg, net, registry, 1)
+    connect_with_messages(pg, tls, net, registry, 1)
         .await
         .map(|(conn, _)| conn)
 }
@@ -515,6 +578,8 @@ pub(crate) struct ConnManager {
     /// Where and as whom to connect (read-only pools carry
     /// `-c default_transaction_read_only=on` in their options).
     pub(crate) pg: tokio_postgres::Config,
+    /// TLS settings.
+    pub(crate) tls: TlsSetup,
     /// Socket settings.
     pub(crate) net: NetOptions,
     /// Bound on the rollback of a connection released inside a transaction.
@@ -530,7 +595,13 @@ impl managed::Manager for ConnManager {
     async fn create(&self) -> Result<PgConn, ConnectError> {
         // Boxed: the connect future is kilobytes, and inline it would make every
         // checkout future (and every move of it) that large; connects are rare.
-        Box::pin(connect(&self.pg, &self.net, Some(&self.registry))).await
+        Box::pin(connect(
+            &self.pg,
+            &self.tls,
+            &self.net,
+            Some(&self.registry),
+        ))
+        .await
     }
 
     async fn recycle(&self, conn: &mut PgConn, _: &Metrics) -> RecycleResult<ConnectError> {
@@ -576,6 +647,7 @@ pub(crate) type Pooled = managed::Object<ConnManager>;
 /// Builds a pool for `pg` (read-only when `read_only`).
 pub(crate) fn build_pool(
     pg: &tokio_postgres::Config,
+    tls: &TlsSetup,
     read_only: bool,
     size: usize,
     net: NetOptions,
@@ -592,6 +664,7 @@ pub(crate) fn build_pool(
     }
     managed::Pool::builder(ConnManager {
         pg,
+        tls: tls.clone(),
         net,
         rollback_timeout,
         registry,
@@ -622,62 +695,28 @@ pub(crate) type ConnMessage = Result<tokio_postgres::Notification, String>;
 /// connection keeps serving its client.
 pub(crate) async fn connect_with_messages(
     pg: &tokio_postgres::Config,
+    tls: &TlsSetup,
     net: &NetOptions,
     registry: Option<&ConnRegistry>,
     buffer: usize,
 ) -> Result<(PgConn, tokio::sync::mpsc::Receiver<ConnMessage>), ConnectError> {
     let fut = async {
-        let host = pg
-            .get_hosts()
-            .first()
-            .ok_or_else(|| ConnectError("no host in URL".into()))?;
-        let port = pg.get_ports().first().copied().unwrap_or(5432);
-        let socket = open_socket(host, port, net)
+        let socket = open_socket(pg, net)
             .await
-            .map_err(|e| ConnectError(format!("socket: {e}")))?;
+            .map_err(|e| ConnectError::Socket(e.to_string()))?;
         let state = Arc::new(ConnState::new());
         if let Some(r) = registry {
             r.add(&state);
         }
-        let stream = SniffStream::new(socket, state.clone());
-        let (client, mut connection) = pg
-            .connect_raw(stream, NoTls)
-            .await
-            .map_err(|e| ConnectError(format!("startup: {}", describe(&e))))?;
         let (tx, rx) = tokio::sync::mpsc::channel(buffer.max(1));
-        tokio::spawn(async move {
-            let mut tx = Some(tx);
-            loop {
-                // `poll_message` instead of awaiting the connection: only it hands out
-                // the asynchronous messages (notifications, notices).
-                match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
-                    Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
-                        if let Some(t) = &tx {
-                            if t.send(Ok(n)).await.is_err() {
-                                tx = None;
-                            }
-                        }
-                    }
-                    // Notices and anything newer: nothing to forward.
-                    Some(Ok(_)) => {}
-                    // Terminal: poll_message must not be called again.
-                    Some(Err(e)) => {
-                        if let Some(t) = tx {
-                            let _ = t.send(Err(describe(&e))).await;
-                        }
-                        return;
-                    }
-                    None => return,
-                }
-            }
-        });
+        let client = startup(pg, tls, socket, &state, tx).await?;
         let row = client
             .query_one(
                 "SELECT (extract(epoch FROM pg_postmaster_start_time()) * 1000000)::int8",
                 &[],
             )
             .await
-            .map_err(|e| ConnectError(format!("first query: {}", describe(&e))))?;
+            .map_err(|e| ConnectError::FirstQuery(describe(&e)))?;
         let postmaster_start_us: i64 = row.get(0);
         Ok((
             PgConn {
@@ -688,13 +727,197 @@ pub(crate) async fn connect_with_messages(
             rx,
         ))
     };
-    match tokio::time::timeout(net.connect_timeout, fut).await {
+    let result = match tokio::time::timeout(net.connect_timeout, fut).await {
         Ok(r) => r,
-        Err(_) => Err(ConnectError(format!(
-            "connect timed out after {:?}",
-            net.connect_timeout
-        ))),
+        Err(_) => Err(ConnectError::Timeout(net.connect_timeout)),
+    };
+    if let Err(e) = &result {
+        tracing::debug!(target: TARGET, error = %e, "connect failed");
     }
+    result
+}
+
+/// TLS as `tls` says, then startup and authentication; spawns the connection task.
+///
+/// With TLS, pgfleet sends the `SSLRequest` itself (unless `sslnegotiation=direct`) and
+/// reads the one-byte answer, so a server without TLS is told apart from a failed
+/// handshake, and `prefer` falls back on the same socket. The driver is then told to
+/// start TLS at once (direct negotiation) through [`crate::tls`]'s connector, which puts
+/// the sniffer above TLS and gives the driver channel binding for SCRAM.
+async fn startup(
+    pg: &tokio_postgres::Config,
+    tls: &TlsSetup,
+    socket: Socket,
+    state: &Arc<ConnState>,
+    tx: tokio::sync::mpsc::Sender<ConnMessage>,
+) -> Result<Client, ConnectError> {
+    #[cfg(feature = "tls")]
+    if let Some(connector) = &tls.connector {
+        let mut socket = socket;
+        let accepted = tls.settings.direct || crate::tls::request_tls(&mut socket).await?;
+        if accepted {
+            let mut direct = pg.clone();
+            direct
+                .ssl_mode(tokio_postgres::config::SslMode::Require)
+                .ssl_negotiation(tokio_postgres::config::SslNegotiation::Direct);
+            let (client, connection) = direct
+                .connect_raw(socket, connector.handshake(state.clone()))
+                .await
+                .map_err(|e| startup_error(&e))?;
+            spawn_connection(connection, tx);
+            return Ok(client);
+        }
+        if tls.mode() != TlsMode::Prefer {
+            return Err(crate::error::TlsError::NotSupported { mode: tls.mode() }.into());
+        }
+        tracing::debug!(target: TARGET, "server does not accept TLS; sslmode=prefer goes on in plaintext");
+        return plain_startup(pg, socket, state, tx).await;
+    }
+    debug_assert!(
+        !tls.mode().needs_tls(),
+        "validated: TLS modes need the tls feature"
+    );
+    plain_startup(pg, socket, state, tx).await
+}
+
+/// Startup and authentication in plaintext, the sniffer on the socket.
+async fn plain_startup(
+    pg: &tokio_postgres::Config,
+    socket: Socket,
+    state: &Arc<ConnState>,
+    tx: tokio::sync::mpsc::Sender<ConnMessage>,
+) -> Result<Client, ConnectError> {
+    let stream = SniffStream::new(socket, state.clone());
+    // The URL's `ssl_mode` is `Disable` (pgfleet negotiates TLS), so NoTls is never asked.
+    let (client, connection) = pg
+        .connect_raw(stream, NoTls)
+        .await
+        .map_err(|e| startup_error(&e))?;
+    spawn_connection(connection, tx);
+    Ok(client)
+}
+
+/// A startup failure: the connector's typed TLS failure when that is what it was.
+fn startup_error(e: &tokio_postgres::Error) -> ConnectError {
+    let tls = std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<crate::error::TlsError>())
+        .cloned();
+    match tls {
+        Some(t) => ConnectError::Tls(t),
+        None => ConnectError::Startup(describe(e)),
+    }
+}
+
+/// Drives `connection` on its own task, forwarding notifications to `tx` (see
+/// [`connect_with_messages`]).
+fn spawn_connection<S, T>(
+    mut connection: tokio_postgres::Connection<S, T>,
+    tx: tokio::sync::mpsc::Sender<ConnMessage>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut tx = Some(tx);
+        loop {
+            // `poll_message` instead of awaiting the connection: only it hands out
+            // the asynchronous messages (notifications, notices).
+            match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
+                    if let Some(t) = &tx {
+                        if t.send(Ok(n)).await.is_err() {
+                            tx = None;
+                        }
+                    }
+                }
+                // Notices and anything newer: nothing to forward.
+                Some(Ok(_)) => {}
+                // Terminal: poll_message must not be called again.
+                Some(Err(e)) => {
+                    if let Some(t) = tx {
+                        let _ = t.send(Err(describe(&e))).await;
+                    }
+                    return;
+                }
+                None => return,
+            }
+        }
+    });
+}
+
+/// Opens one connection to the server named `server` in `config` exactly as the fleet's
+/// pools do (the same socket options, TLS as its `sslmode` and `sslrootcert` say, startup
+/// and authentication, all under `fleet.connect_timeout`), runs one query, and closes it.
+/// Returns whether the connection was encrypted.
+///
+/// A fleet keeps retrying a server it cannot connect to and only shows the last error as
+/// text in [`Status`](crate::Status); this tells at once, with a typed reason, whether a
+/// server can be reached, e.g. before [`Fleet::start`](crate::Fleet::start) or in a
+/// health check.
+///
+/// ```no_run
+/// # async fn demo(config: pgfleet::Config) {
+/// use pgfleet::{ConnectError, Error, TlsError};
+///
+/// match pgfleet::check_server(&config, "primary").await {
+///     Ok(encrypted) => println!("primary reachable (TLS: {encrypted})"),
+///     Err(Error::Connect { source: ConnectError::Tls(TlsError::HostnameMismatch { host, .. }), .. }) => {
+///         println!("the primary's certificate does not name {host}")
+///     }
+///     Err(e) => println!("{e}"),
+/// }
+/// # }
+/// ```
+///
+/// # Errors
+///
+/// [`Error::Config`] if `config` is invalid or has no server named `server`;
+/// [`Error::Connect`] naming the server, with a [`ConnectError`] that says what failed
+/// (the socket, [TLS](ConnectError::Tls), the startup, or the timeout).
+pub async fn check_server(config: &Config, server: &str) -> Result<bool, Error> {
+    config.validate()?;
+    let (key, url) = std::iter::once(("primary.url".to_owned(), &config.primary))
+        .filter(|(_, p)| p.name == server)
+        .map(|(k, p)| (k, &p.url))
+        .chain(
+            config
+                .replicas
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r.name == server)
+                .map(|(i, r)| (format!("replicas[{i}].url"), &r.url)),
+        )
+        .next()
+        .ok_or_else(|| {
+            Error::Config(ConfigError::Invalid {
+                key: "server".to_owned(),
+                message: format!("no server is named `{server}`"),
+            })
+        })?;
+    let tls = TlsSetup::new(config, &key, url)?;
+    let net = NetOptions {
+        connect_timeout: config.fleet.connect_timeout,
+        tcp_keepalive: config.fleet.tcp_keepalive,
+        tcp_user_timeout: config.fleet.tcp_user_timeout,
+    };
+    let failed = |source| Error::Connect {
+        server: server.to_owned(),
+        source,
+    };
+    let conn = connect(url.pg_config(), &tls, &net, None)
+        .await
+        .map_err(failed)?;
+    let row = tokio::time::timeout(
+        config.fleet.probe_timeout,
+        conn.client.query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        ),
+    )
+    .await
+    .map_err(|_| failed(ConnectError::Timeout(config.fleet.probe_timeout)))?
+    .map_err(|e| failed(ConnectError::FirstQuery(describe(&e))))?;
+    Ok(row.get(0))
 }
 
 #[cfg(test)]

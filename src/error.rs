@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::config::ConfigError;
+use crate::config::{ConfigError, TlsMode};
 use crate::lsn::Lsn;
 use crate::token::TokenError;
 
@@ -111,13 +111,14 @@ pub enum Error {
     /// The configuration was rejected.
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// A server could not be reached or a connection failed.
-    #[error("connecting to server {server}: {message}")]
+    /// A connection to a server could not be opened (see [`check_server`](crate::check_server)).
+    #[error("connecting to server {server}: {source}")]
     Connect {
         /// The server concerned.
         server: String,
         /// What failed (never the password).
-        message: String,
+        #[source]
+        source: ConnectError,
     },
     /// An error from PostgreSQL or the driver.
     #[error("postgres error on server {server}: {source}")]
@@ -148,20 +149,96 @@ pub enum Error {
     Internal(String),
 }
 
+/// Why a connection to a server could not be opened. Never contains a password.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// The socket could not be opened: the name did not resolve, the connection was
+    /// refused or unreachable, or the socket options could not be set.
+    #[error("socket: {0}")]
+    Socket(String),
+    /// TLS could not be set up: the server refused it, or its certificate failed
+    /// verification.
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
+    /// The startup or authentication failed (a wrong password, an unknown database, a
+    /// protocol error).
+    #[error("startup: {0}")]
+    Startup(String),
+    /// The first query on the new connection failed.
+    #[error("first query: {0}")]
+    FirstQuery(String),
+    /// The whole connect (TCP, TLS, startup, authentication) took longer than
+    /// `fleet.connect_timeout`.
+    #[error("connect timed out after {0:?}")]
+    Timeout(Duration),
+}
+
+/// Why TLS to a server failed (feature `tls`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsError {
+    /// The server answered the TLS request with "no": it runs with `ssl = off`.
+    #[error("the server does not accept TLS connections, and sslmode={mode} needs TLS")]
+    NotSupported {
+        /// The `sslmode` that asked for TLS.
+        mode: TlsMode,
+    },
+    /// The certificate is trusted, but names another host (`sslmode=verify-full`).
+    #[error(
+        "the server certificate is not valid for host `{host}` (it names {})",
+        fmt_names(presented)
+    )]
+    HostnameMismatch {
+        /// The host name (or address) the certificate was checked against.
+        host: String,
+        /// The names and addresses the certificate holds, when known.
+        presented: Vec<String>,
+    },
+    /// The certificate chain did not verify against `sslrootcert`: signed by another CA,
+    /// expired, not yet valid, or malformed.
+    #[error("the server certificate is not trusted: {reason}")]
+    UntrustedCertificate {
+        /// What was wrong with it.
+        reason: String,
+    },
+    /// The TLS handshake failed for another reason (no common protocol version or cipher
+    /// suite, a TLS alert from the server, a connection closed mid-handshake).
+    #[error("handshake failed: {reason}")]
+    Handshake {
+        /// What failed.
+        reason: String,
+    },
+}
+
+fn fmt_names(names: &[String]) -> String {
+    if names.is_empty() {
+        "no host names".to_owned()
+    } else {
+        names
+            .iter()
+            .map(|n| format!("`{n}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
 impl Error {
     /// Whether sending the same request again may succeed: timeouts, recovery conflicts,
     /// a missing primary (a failover may be in progress), no fresh replica, too many waiters
-    /// and connection failures.
+    /// and connection failures other than TLS ones (a certificate does not fix itself).
     pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            Error::NoPrimary { .. }
-                | Error::Timeout { .. }
-                | Error::NoFreshReplica { .. }
-                | Error::TooManyWaiters { .. }
-                | Error::RecoveryConflict { .. }
-                | Error::Connect { .. }
-        )
+        match self {
+            Error::Connect { source, .. } => !matches!(source, ConnectError::Tls(_)),
+            _ => matches!(
+                self,
+                Error::NoPrimary { .. }
+                    | Error::Timeout { .. }
+                    | Error::NoFreshReplica { .. }
+                    | Error::TooManyWaiters { .. }
+                    | Error::RecoveryConflict { .. }
+            ),
+        }
     }
 
     /// A short, stable name for the variant (`"NoPrimary"`, `"Timeout"`, ...), for logs,
@@ -264,7 +341,7 @@ mod tests {
             Error::ShuttingDown,
             Error::Connect {
                 server: "primary".into(),
-                message: "refused".into(),
+                source: ConnectError::Socket("refused".into()),
             },
             Error::InvalidChannel {
                 channel: String::new(),

@@ -11,7 +11,7 @@ use ractor::{Actor, ActorRef};
 use tokio::sync::Notify;
 
 use crate::config::{Config, DefaultRead, Fallback, UnknownCluster, DEFAULT_CLUSTER};
-use crate::conn::NetOptions;
+use crate::conn::{NetOptions, TlsSetup};
 use crate::error::Error;
 use crate::lease::{Consistency, Intent, Lease};
 use crate::metrics::{self, IntentLabel, WaitOutcome};
@@ -79,21 +79,33 @@ struct TreeGuard {
 }
 
 /// One cluster's shared state, its actors not started yet.
-pub(crate) fn build_shared(cluster: &str, config: Config, previous: Option<&Shared>) -> Shared {
+pub(crate) fn build_shared(
+    cluster: &str,
+    config: Config,
+    previous: Option<&Shared>,
+) -> Result<Shared, Error> {
+    // Key paths as the configuration file has them.
+    let prefix = if cluster == DEFAULT_CLUSTER {
+        String::new()
+    } else {
+        format!("clusters.{cluster}.")
+    };
     let mut slots = Vec::with_capacity(1 + config.replicas.len());
     let p = &config.primary;
     slots.push(ServerSlot::new(
         cluster,
         &p.name,
         p.url.clone(),
+        TlsSetup::new(&config, &format!("{prefix}primary.url"), &p.url)?,
         p.pool_size,
         p.read_weight,
     ));
-    for r in &config.replicas {
+    for (i, r) in config.replicas.iter().enumerate() {
         slots.push(ServerSlot::new(
             cluster,
             &r.name,
             r.url.clone(),
+            TlsSetup::new(&config, &format!("{prefix}replicas[{i}].url"), &r.url)?,
             r.pool_size,
             r.weight,
         ));
@@ -109,7 +121,7 @@ pub(crate) fn build_shared(cluster: &str, config: Config, previous: Option<&Shar
         tcp_keepalive: config.fleet.tcp_keepalive,
         tcp_user_timeout: config.fleet.tcp_user_timeout,
     };
-    Shared {
+    Ok(Shared {
         cluster: cluster.into(),
         config,
         net,
@@ -123,7 +135,7 @@ pub(crate) fn build_shared(cluster: &str, config: Config, previous: Option<&Shar
         shutting_down: AtomicBool::new(false),
         drained: Notify::new(),
         counters: Counters::default(),
-    }
+    })
 }
 
 impl Drop for TreeGuard {
@@ -155,7 +167,7 @@ impl Fleet {
             })?;
             clusters.push(Arc::new(ClusterCell {
                 name: name.into(),
-                current: ArcSwap::from_pointee(build_shared(name, one, None)),
+                current: ArcSwap::from_pointee(build_shared(name, one, None)?),
             }));
         }
         let (supervisor, _) = Actor::spawn(
@@ -1106,11 +1118,11 @@ async fn try_checkout(
 }
 
 /// What a failed checkout means: a busy pool (after waiting `wait`), or a failure.
-fn pool_error(e: PoolError<crate::conn::ConnectError>, wait: Duration) -> CheckoutError {
+fn pool_error(e: PoolError<crate::error::ConnectError>, wait: Duration) -> CheckoutError {
     match e {
         PoolError::Timeout(TimeoutType::Wait) => CheckoutError::Timeout(wait),
         PoolError::Timeout(t) => CheckoutError::Failed(format!("{t:?} timed out")),
-        PoolError::Backend(e) => CheckoutError::Failed(e.0),
+        PoolError::Backend(e) => CheckoutError::Failed(e.to_string()),
         // Closed by a retiring actor: its replacement is on the way.
         PoolError::Closed => CheckoutError::Failed("server actor restarting".into()),
         e => CheckoutError::Failed(e.to_string()),

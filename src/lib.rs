@@ -48,7 +48,9 @@
 //! - `lag`: time lag from primary position history, replay rates.
 //! - `backoff`: restart delays.
 //! - `conn`: connecting under one timeout, socket options, the transaction-state sniffer,
-//!   and the deadpool manager.
+//!   and the deadpool manager; [`check_server`].
+//! - `tls` (feature `tls`): rustls under the sniffer, certificate verification by
+//!   `sslmode`, typed [`TlsError`]s.
 //! - `server`: the server actor (pool owner, prober).
 //! - `router`: the router actor (topology writer, read-your-writes waits).
 //! - `supervisor`: one for every cluster's actors; restarts failed ones with backoff.
@@ -117,6 +119,16 @@
 //! connection's transaction status from the protocol stream, so a connection released
 //! inside `BEGIN` is rolled back before reuse at no cost to the others.
 //!
+//! # TLS
+//!
+//! With the `tls` feature, connections use TLS (rustls) as libpq's `sslmode` and
+//! `sslrootcert` say, per server in its URL (`?sslmode=verify-full&sslrootcert=/etc/ca.pem`)
+//! or for every server in `[fleet.tls]`; see [`TlsConfig`] and [`TlsMode`]. The
+//! transaction-state sniffer reads the plaintext protocol above TLS. Without the feature,
+//! a configuration that needs TLS is rejected ([`ConfigError::TlsNotBuilt`]).
+//! [`check_server`] opens one connection the way the pools do and returns a typed
+//! [`ConnectError`] (such as a certificate that names another host) when it fails.
+//!
 //! # Privileges
 //!
 //! The probe needs only membership in `pg_monitor` (for `pg_stat_wal_receiver`):
@@ -143,6 +155,8 @@ mod session;
 mod shared;
 mod status;
 mod supervisor;
+#[cfg(feature = "tls")]
+mod tls;
 mod token;
 mod topology;
 mod verify;
@@ -155,10 +169,11 @@ pub use self::http::{
 };
 pub use config::{
     ClusterConfig, Config, ConfigError, ConsistencyConfig, DefaultRead, Fallback, FleetConfig,
-    PrimaryConfig, ReplicaConfig, RestartConfig, ServerUrl, Strategy, UnknownCluster,
-    DEFAULT_CLUSTER,
+    PrimaryConfig, ReplicaConfig, RestartConfig, ServerUrl, Strategy, TlsConfig, TlsMode,
+    UnknownCluster, DEFAULT_CLUSTER,
 };
-pub use error::Error;
+pub use conn::check_server;
+pub use error::{ConnectError, Error, TlsError};
 pub use fleet::Fleet;
 pub use lease::{Consistency, Intent, Lease};
 pub use listener::{ListenEvent, Notification, Subscription};

@@ -663,15 +663,19 @@ fn try_connect(myself: &ActorRef<ListenerMsg>, state: &mut ListenerState) {
     // timeouts).
     let pools = slot.pools.load_full();
     let net = state.shared.net;
+    let tls = slot.tls.clone();
     let me = myself.clone();
     let task = tokio::spawn(async move {
         let registry = pools.as_ref().map(|p| &*p.registry);
-        let msg = match conn::connect_with_messages(&pg, &net, registry, CONN_BUFFER).await {
+        let msg = match conn::connect_with_messages(&pg, &tls, &net, registry, CONN_BUFFER).await {
             Ok((conn, messages)) => ListenerMsg::Connected {
                 gen,
                 link: Box::new(Opened { conn, messages }),
             },
-            Err(e) => ListenerMsg::ConnectFailed { gen, why: e.0 },
+            Err(e) => ListenerMsg::ConnectFailed {
+                gen,
+                why: e.to_string(),
+            },
         };
         // The actor may be gone; the connection is then dropped (closed).
         let _ = me.cast(msg);

@@ -45,7 +45,7 @@ impl Fleet {
     /// Applies `config` without a restart: weights, pool sizes, thresholds and timeouts,
     /// added and removed replicas (in every cluster). Servers whose URL and connection
     /// settings (`connect_timeout`, `tcp_keepalive`, `tcp_user_timeout`,
-    /// `probe_timeout`) did not change keep their open connections.
+    /// `probe_timeout`, `[fleet.tls]`) did not change keep their open connections.
     ///
     /// The new configuration is validated whole first; when it is rejected, the old one
     /// stays in force untouched. Leases already granted are unaffected. LISTEN
@@ -88,7 +88,7 @@ impl Fleet {
             let one = config.cluster(&cell.name).ok_or_else(|| {
                 Error::Internal(format!("cluster {} vanished from the config", cell.name))
             })?;
-            let new = build_shared(&cell.name, one, Some(&old));
+            let new = build_shared(&cell.name, one, Some(&old))?;
             hand_over(&cell.name, &old, &new, &mut report);
             old_gens.push(old);
             new_gens.push(Arc::new(new));
@@ -141,6 +141,7 @@ fn hand_over(cluster: &str, old: &Shared, new: &Shared, report: &mut ReloadRepor
             && a.tcp_keepalive == b.tcp_keepalive
             && a.tcp_user_timeout == b.tcp_user_timeout
             && a.probe_timeout == b.probe_timeout
+            && a.tls == b.tls
     };
     for slot in &new.slots {
         let Some(o) = old.slots.iter().find(|o| o.name == slot.name) else {

@@ -169,6 +169,7 @@ impl Actor for Server {
             Arc::new(Pools {
                 read: build_pool(
                     pg,
+                    &slot.tls,
                     true,
                     slot.pool_size,
                     shared.net,
@@ -177,6 +178,7 @@ impl Actor for Server {
                 )?,
                 write: build_pool(
                     pg,
+                    &slot.tls,
                     false,
                     slot.pool_size,
                     shared.net,
@@ -299,9 +301,9 @@ fn start_probe(myself: &ActorRef<ServerMsg>, state: &mut ServerState) {
 
 async fn open_probe_conn(shared: &Shared, idx: usize) -> Result<ProbeConn, String> {
     let slot = &shared.slots[idx];
-    let conn = conn::connect(slot.url.pg_config(), &shared.net, None)
+    let conn = conn::connect(slot.url.pg_config(), &slot.tls, &shared.net, None)
         .await
-        .map_err(|e| e.0)?;
+        .map_err(|e| e.to_string())?;
     let setup = async {
         let row = conn.client.query_one(SIZES_SQL, &[]).await?;
         let sizes = (row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64);

@@ -10,7 +10,7 @@ use ractor::ActorRef;
 use tokio::sync::Notify;
 
 use crate::config::{Config, ServerUrl};
-use crate::conn::{ConnRegistry, NetOptions, Pool};
+use crate::conn::{ConnRegistry, NetOptions, Pool, TlsSetup};
 use crate::metrics::ServerMetrics;
 use crate::router::RouterMsg;
 use crate::server::ServerMsg;
@@ -46,6 +46,8 @@ pub(crate) struct ServerSlot {
     pub(crate) name: Arc<str>,
     /// Where it is (no password in Debug).
     pub(crate) url: ServerUrl,
+    /// How its connections use TLS.
+    pub(crate) tls: TlsSetup,
     /// Pool size from the config.
     pub(crate) pool_size: usize,
     /// Configured read weight (replica `weight`, primary `read_weight`).
@@ -77,6 +79,7 @@ impl ServerSlot {
         cluster: &str,
         name: &str,
         url: ServerUrl,
+        tls: TlsSetup,
         pool_size: usize,
         weight: u32,
     ) -> Self {
@@ -85,6 +88,7 @@ impl ServerSlot {
             metrics: ServerMetrics::new(cluster, &name),
             name,
             url,
+            tls,
             pool_size,
             weight,
             pools: ArcSwapOption::empty(),

@@ -149,7 +149,9 @@ pub(crate) fn command(
         cmd.env_remove(var);
     }
     if let Some(u) = run_as {
-        cmd.uid(u.uid).gid(u.gid);
+        // The caller's HOME (root's) is unreadable to that user, and libpq in a replica's WAL
+        // receiver gives up on TLS when it cannot look for ~/.postgresql/postgresql.crt.
+        cmd.uid(u.uid).gid(u.gid).env("HOME", cwd);
     }
     cmd
 }

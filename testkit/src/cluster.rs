@@ -13,6 +13,7 @@ use crate::node::{SUPERUSER, SUPERUSER_PASSWORD};
 use crate::process::{self, Watchdog};
 use crate::slots::{self, Slot};
 use crate::template;
+use crate::tls::{self, TlsFiles};
 use crate::{Error, Node, Proxy};
 
 /// The most replicas a cluster may have.
@@ -57,6 +58,8 @@ pub struct LocalCluster {
     nodes: Vec<Node>,
     /// How to run the PostgreSQL programs.
     pub(crate) ctx: Ctx,
+    /// The certificates, when started with TLS.
+    tls: Option<TlsFiles>,
     /// Stops everything on drop.
     _cleanup: Cleanup,
 }
@@ -110,6 +113,8 @@ pub struct ClusterBuilder {
     replica_settings: Vec<(String, String)>,
     /// Run `initdb` instead of copying the shared template (a system identifier of its own).
     own_system_id: bool,
+    /// Whether the servers accept TLS.
+    tls: bool,
 }
 
 impl Default for ClusterBuilder {
@@ -119,6 +124,7 @@ impl Default for ClusterBuilder {
             settings: Vec::new(),
             replica_settings: Vec::new(),
             own_system_id: false,
+            tls: false,
         }
     }
 }
@@ -138,6 +144,14 @@ impl ClusterBuilder {
     /// (replicas reconnect quickly to a restarted primary). The value is quoted for you.
     pub fn setting(mut self, name: &str, value: &str) -> Self {
         self.settings.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Whether the servers accept TLS: a fresh CA ([`LocalCluster::ca_cert_path`]) signs a
+    /// certificate for `localhost` and `127.0.0.1` that every node serves (`ssl = on`);
+    /// plaintext connections are still accepted. Default: false.
+    pub fn tls(mut self, on: bool) -> Self {
+        self.tls = on;
         self
     }
 
@@ -203,6 +217,10 @@ impl ClusterBuilder {
         let background = Background::start()?;
         let runtime = background.handle.clone();
         cleanup.background = Some(background);
+        let tls = match self.tls {
+            true => Some(tls::generate(&dir, run_as)?),
+            false => None,
+        };
         let ctx = Ctx { bins, run_as, dir };
         tracing::info!(
             target: "pgfleet_testkit::cluster",
@@ -213,7 +231,7 @@ impl ClusterBuilder {
         );
 
         let mut nodes = Vec::with_capacity(self.replicas + 1);
-        let primary = self.start_primary(&ctx, &runtime).await?;
+        let primary = self.start_primary(&ctx, &runtime, tls.as_ref()).await?;
         // Concurrently: each pg_basebackup is mostly file-system work in the kernel.
         let replicas = futures_util::future::try_join_all(
             (1..=self.replicas).map(|i| self.start_replica(&ctx, &runtime, &primary, i)),
@@ -224,6 +242,7 @@ impl ClusterBuilder {
         let cluster = LocalCluster {
             nodes,
             ctx,
+            tls,
             _cleanup: cleanup,
         };
         for replica in cluster.replicas() {
@@ -234,7 +253,12 @@ impl ClusterBuilder {
     }
 
     /// Create (from the template), configure and start the primary.
-    async fn start_primary(&self, ctx: &Ctx, runtime: &Handle) -> Result<Node, Error> {
+    async fn start_primary(
+        &self,
+        ctx: &Ctx,
+        runtime: &Handle,
+        tls: Option<&TlsFiles>,
+    ) -> Result<Node, Error> {
         let name = "primary";
         let data_dir = ctx.dir.join(name);
         let log = ctx.dir.join(format!("{name}.log"));
@@ -249,6 +273,11 @@ impl ClusterBuilder {
             &ctx.dir.to_string_lossy(),
         )?);
         conf.push_str(&conf_line("cluster_name", name)?);
+        // Into this cluster's copy only (the template stays plain); replicas inherit it
+        // through pg_basebackup, which copies postgresql.conf.
+        for (k, v) in tls.map(TlsFiles::settings).into_iter().flatten() {
+            conf.push_str(&conf_line(k, &v)?);
+        }
         for (k, v) in &self.settings {
             conf.push_str(&conf_line(k, v)?);
         }
@@ -441,6 +470,12 @@ impl LocalCluster {
     /// Every node, the primary first.
     pub fn nodes(&self) -> impl Iterator<Item = &Node> {
         self.nodes.iter()
+    }
+
+    /// The CA certificate (PEM) that signed the servers' certificate, for clients'
+    /// `sslrootcert`; `None` unless started with [`ClusterBuilder::tls`].
+    pub fn ca_cert_path(&self) -> Option<&Path> {
+        self.tls.as_ref().map(|t| t.ca_cert.as_path())
     }
 
     /// The cluster's temp dir: data dirs, server logs and unix sockets.

@@ -127,6 +127,10 @@ pub enum Error {
         /// What is wrong.
         what: String,
     },
+
+    /// The certificates of a TLS cluster could not be generated.
+    #[error("generating TLS certificates: {0}")]
+    Tls(String),
 }
 
 impl Error {

@@ -62,6 +62,15 @@
 //! not a superuser but is a member of `pg_monitor`, and owns the database [`APP_DATABASE`] — as a
 //! production application would connect.
 //!
+//! # TLS
+//!
+//! `LocalCluster::builder().tls(true)` generates a CA and a server certificate for
+//! [`SERVER_CERT_NAMES`] (`localhost`, `127.0.0.1`) into the cluster dir, and every node runs
+//! with `ssl = on` and that certificate (the key file is mode 0600 and owned by the servers' OS
+//! user, as PostgreSQL requires); replicas stream from the primary over TLS too. Clients trust
+//! [`LocalCluster::ca_cert_path`]. The settings go into each cluster's own `postgresql.conf`,
+//! never into the cached data dir template, which stays the same for TLS and plain clusters.
+//!
 //! # Cleanup guarantees
 //!
 //! Dropping a [`LocalCluster`] — normally or while a test panics — shuts every server down
@@ -91,6 +100,7 @@
 //! - `proxy`: [`Proxy`] and [`ProxyMode`], the fault-injecting TCP proxy.
 //! - `slots`: the concurrency bound.
 //! - `template`: the cached initial data dir of primaries (initdb, roles, database).
+//! - `tls`: the CA and server certificate of TLS clusters.
 //! - `bins`, `process`: finding and running PostgreSQL programs; `/proc`, signals, the watchdog.
 //! - `error`: [`Error`].
 
@@ -104,6 +114,7 @@ mod process;
 mod proxy;
 mod slots;
 mod template;
+mod tls;
 
 pub use cluster::{ClusterBuilder, LocalCluster, MAX_REPLICAS};
 pub use error::Error;
@@ -111,6 +122,7 @@ pub use node::{Node, APP_DATABASE, APP_PASSWORD, APP_USER, SUPERUSER, SUPERUSER_
 pub use proxy::{Proxy, ProxyMode};
 pub use slots::{DEFAULT_MAX_CLUSTERS, MAX_CLUSTERS_ENV};
 pub use template::NO_TEMPLATE_ENV;
+pub use tls::SERVER_CERT_NAMES;
 
 /// Re-exported so users' tests name the same driver version as the clients the testkit returns.
 pub use tokio_postgres;
