@@ -124,9 +124,25 @@ async fn error_fallback_staleness_bounds_and_waiter_limit() -> anyhow::Result<()
     )
     .await;
     // On a loaded machine the replica may have replayed a write before its read is
-    // asked for; then that read does not wait and the round is tried again.
+    // asked for (then that read does not wait), or the router may still expect the
+    // replica to need longer than ryw_wait (then it refuses at once): the round is tried
+    // again once the replica has caught up.
     let mut refused_second = false;
     for round in 0..5 {
+        common::wait_for(
+            "replica1 to catch up under the apply delay",
+            Duration::from_secs(15),
+            || {
+                let s = fleet.status();
+                async move {
+                    s.server("replica1").is_some_and(|r| {
+                        r.lag_bytes == Some(0)
+                            && r.lag.is_some_and(|l| l < Duration::from_millis(900))
+                    })
+                }
+            },
+        )
+        .await;
         let mut w = fleet.lease(Intent::Write).await?;
         w.execute(
             "UPDATE f SET v = $1 WHERE k = 2",
