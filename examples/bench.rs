@@ -45,6 +45,8 @@ const ROWS: i32 = 10_000;
 const POOL: usize = 16;
 /// Concurrency levels of the end-to-end reads.
 const CONCURRENCY: [usize; 3] = [1, 16, 64];
+/// Alternating slices per side in one end-to-end run.
+const SLICES: usize = 10;
 /// Writer sessions of the read-your-writes runs.
 const SESSIONS: [usize; 2] = [8, 64];
 /// Replica apply delays of the read-your-writes runs.
@@ -83,7 +85,7 @@ impl Plan {
                 micro_ops: 50_000,
                 micro_rounds: 5,
                 rounds: 5,
-                phase: Duration::from_secs(3),
+                phase: Duration::from_secs(5),
                 info_phase: Duration::from_secs(3),
                 ryw_phase: Duration::from_secs(4),
                 settle: Duration::from_secs(1),
@@ -187,14 +189,21 @@ async fn run(plan: Plan) -> Result<Outcome> {
             ratios: Vec::new(),
         };
         for round in 0..plan.rounds {
-            // Alternate which side goes first, so slow drift cancels out.
-            let (b, f) = if round % 2 == 0 {
-                let b = read_phase(&bare, c, plan.phase).await?;
-                (b, read_phase(&fleet1, c, plan.phase).await?)
-            } else {
-                let f = read_phase(&fleet1, c, plan.phase).await?;
-                (read_phase(&bare, c, plan.phase).await?, f)
-            };
+            // Each run is SLICES short slices per side in ABBA order, so drift within
+            // the run (the machine warming up, a checkpoint) falls on both sides alike.
+            let slice = plan.phase / SLICES as u32;
+            let (mut bs, mut fs) = (Vec::new(), Vec::new());
+            for k in 0..SLICES {
+                let fleet_first = (k + round) % 4 == 1 || (k + round) % 4 == 2;
+                if fleet_first {
+                    fs.push(read_phase(&fleet1, c, slice).await?);
+                    bs.push(read_phase(&bare, c, slice).await?);
+                } else {
+                    bs.push(read_phase(&bare, c, slice).await?);
+                    fs.push(read_phase(&fleet1, c, slice).await?);
+                }
+            }
+            let (b, f) = (Phase::merge(bs), Phase::merge(fs));
             progress(&format!(
                 "reads c={c} round {}/{}: bare {:.0}/s fleet {:.0}/s ratio {:.3}",
                 round + 1,
@@ -579,6 +588,28 @@ impl Phase {
     fn rps(&self) -> f64 {
         self.ops as f64 / self.secs
     }
+
+    /// Several slices of one side as one phase: their reads over their summed time.
+    fn merge(slices: Vec<Phase>) -> Phase {
+        let mut all = Phase {
+            ops: 0,
+            errors: 0,
+            first_error: None,
+            secs: 0.0,
+            lat_us: Vec::new(),
+        };
+        for p in slices {
+            all.ops += p.ops;
+            all.errors += p.errors;
+            all.secs += p.secs;
+            all.lat_us.extend(p.lat_us);
+            if all.first_error.is_none() {
+                all.first_error = p.first_error;
+            }
+        }
+        all.lat_us.sort_unstable();
+        all
+    }
 }
 
 /// Both replicas, for information: bare round robin and the fleet, one phase each.
@@ -667,7 +698,7 @@ fn phase_figures(phases: &[Phase]) -> (f64, f64, f64, u64) {
 fn print_overhead(rows: &[OverheadRow], info: &[InfoRow], csv: &mut Csv) {
     println!("\n== End-to-end prepared point reads (SELECT v FROM kv WHERE k = $1) ==");
     println!(
-        "rounds: {} per concurrency, bare and fleet interleaved; reads/s is the median round, \
+        "rounds: {} per concurrency, each {SLICES} slices per side interleaved ABBA; reads/s is the median round, \
          p50/p99 over all rounds; ratio is the median of the per-round fleet/bare ratios \
          (info rows: one round each, fleet over both replicas / bare pools on both in turn)",
         rows.first().map_or(0, |r| r.ratios.len())

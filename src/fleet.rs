@@ -286,7 +286,7 @@ impl Fleet {
         intent: Intent,
     ) -> impl std::future::Future<Output = Result<Lease, Error>> + Send + '_ {
         // Not an `async fn`: one less layer of future to build and move per lease.
-        lease_on(self.cell.current.load(), intent, None)
+        lease_on(self.cell.current.load_full(), intent, None)
     }
 
     /// A new session (read-your-writes and monotonic reads across its leases).
@@ -576,47 +576,95 @@ impl Need {
 
 /// The whole lease decision; shared by `Fleet::lease`, sessions and the router's
 /// `Lease` message, so all three decide the same way.
-pub(crate) async fn lease_on<S>(
-    shared: S,
+pub(crate) async fn lease_on(
+    shared: Arc<Shared>,
     intent: Intent,
     session: Option<Arc<SessionInner>>,
-) -> Result<Lease, Error>
-where
-    S: std::ops::Deref<Target = Arc<Shared>> + Send,
-{
-    let shared: &Arc<Shared> = &shared;
+) -> Result<Lease, Error> {
     if shared.is_shutting_down() {
         metrics::lease_error(&shared.cluster, Need::label_of(intent), "ShuttingDown");
         return Err(Error::ShuttingDown);
     }
     let start = Instant::now();
-    let (need, ignored_token) = resolve_need(shared, intent).inspect_err(|e| {
+    let (need, ignored_token) = resolve_need(&shared, intent).inspect_err(|e| {
         metrics::lease_error(&shared.cluster, Need::label_of(intent), e.kind());
     })?;
-    // The common case, decided from the snapshot with one timer-free checkout. Its future
-    // stays small; everything that may wait lives in `lease_slow`, boxed, off this path.
+    // The common case, decided from the snapshot with one timer-free checkout, or one
+    // wait on the chosen pool when it is busy and nothing else can serve. Its future
+    // stays small; everything else lives in `lease_slow`, boxed, off this path.
     let mut excluded: Vec<bool> = Vec::new();
-    if let Some((idx, write_pool, role, expected_start)) = decide_now(shared, &need) {
+    if let Some((idx, write_pool, role, expected_start)) = decide_now(&shared, &need) {
         let create = shared
             .net
             .connect_timeout
             .min(shared.config.fleet.lease_timeout);
-        // The pool call is awaited here, not through `try_checkout`: one future layer
-        // less to build and move per lease.
-        let pools = shared.slots[idx].pools.load();
-        match pools.as_ref() {
-            Some(p) => {
+        let usable = |conn: &crate::conn::Pooled| {
+            role != Role::Replica || expected_start.is_none_or(|s| s == conn.postmaster_start_us)
+        };
+        let mut busy = false;
+        {
+            // The pool call is awaited here, not through `try_checkout`: one future
+            // layer less to build and move per lease. The guard lives only for this
+            // timer-free call.
+            let pools = shared.slots[idx].pools.load();
+            match pools.as_ref() {
+                Some(p) => {
+                    let pool = if write_pool { &p.write } else { &p.read };
+                    let timeouts = Timeouts {
+                        wait: Some(Duration::ZERO),
+                        create: Some(create),
+                        recycle: None,
+                    };
+                    match pool.timeout_get(&timeouts).await {
+                        Ok(conn) if usable(&conn) => {
+                            drop(pools);
+                            return Ok(grant(
+                                shared,
+                                idx,
+                                role,
+                                false,
+                                need,
+                                intent,
+                                session,
+                                ignored_token,
+                                start,
+                                conn,
+                            ));
+                        }
+                        Err(PoolError::Timeout(TimeoutType::Wait)) => busy = true,
+                        Ok(_) => {
+                            void(&shared, idx);
+                            exclude(&mut excluded, idx);
+                        }
+                        Err(e) => {
+                            shared.slots[idx].set_error(pool_error(e, Duration::ZERO).why());
+                            void(&shared, idx);
+                            exclude(&mut excluded, idx);
+                        }
+                    }
+                }
+                None => {
+                    shared.slots[idx].set_error("server actor restarting");
+                    void(&shared, idx);
+                    exclude(&mut excluded, idx);
+                }
+            }
+        }
+        // Busy, and no other server could serve it now: wait for this pool (holding the
+        // pools themselves, not a guard, since this may take a while).
+        if busy && !others_can_serve(&shared, &need, idx) {
+            if let Some(p) = shared.slots[idx].pools.load_full() {
                 let pool = if write_pool { &p.write } else { &p.read };
+                let wait = (start + shared.config.fleet.lease_timeout)
+                    .saturating_duration_since(Instant::now());
                 let timeouts = Timeouts {
-                    wait: Some(Duration::ZERO),
-                    create: Some(create),
+                    wait: Some(wait),
+                    create: Some(create.min(wait.max(Duration::from_millis(1)))),
                     recycle: None,
                 };
                 match pool.timeout_get(&timeouts).await {
-                    Ok(conn)
-                        if role != Role::Replica
-                            || expected_start.is_none_or(|s| s == conn.postmaster_start_us) =>
-                    {
+                    Ok(conn) if usable(&conn) => {
+                        drop(p);
                         return Ok(grant(
                             shared,
                             idx,
@@ -630,28 +678,30 @@ where
                             conn,
                         ));
                     }
-                    // Pool busy: the slow path waits for it.
-                    Err(PoolError::Timeout(TimeoutType::Wait)) => {}
+                    Err(PoolError::Timeout(TimeoutType::Wait)) => {
+                        let e = Error::Timeout {
+                            server: shared.slots[idx].name.to_string(),
+                            what: "a pooled connection",
+                            after: start.elapsed(),
+                        };
+                        metrics::lease_error(&shared.cluster, need.label(), e.kind());
+                        return Err(e);
+                    }
                     Ok(_) => {
-                        void(shared, idx);
+                        void(&shared, idx);
                         exclude(&mut excluded, idx);
                     }
                     Err(e) => {
-                        shared.slots[idx].set_error(pool_error(e, Duration::ZERO).why());
-                        void(shared, idx);
+                        shared.slots[idx].set_error(pool_error(e, wait).why());
+                        void(&shared, idx);
                         exclude(&mut excluded, idx);
                     }
                 }
             }
-            None => {
-                shared.slots[idx].set_error("server actor restarting");
-                void(shared, idx);
-                exclude(&mut excluded, idx);
-            }
         }
     }
     Box::pin(lease_slow(
-        shared,
+        &shared,
         intent,
         need,
         session,
@@ -660,6 +710,18 @@ where
         excluded,
     ))
     .await
+}
+
+/// Whether a server other than `idx` could serve `need` right now (a busy pool is then
+/// better left to the slow path, which picks again).
+fn others_can_serve(shared: &Shared, need: &Need, idx: usize) -> bool {
+    match need {
+        Need::Write | Need::Strong => false,
+        Need::Read(rn) => {
+            let t = shared.topology.load();
+            (0..t.servers.len()).any(|i| i != idx && t.can_serve(i, rn))
+        }
+    }
 }
 
 /// Resolves the intent against the config and checks a token.
@@ -727,7 +789,7 @@ fn decide_now(shared: &Shared, need: &Need) -> Option<(usize, bool, Role, Option
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn grant(
-    shared: &Arc<Shared>,
+    shared: Arc<Shared>,
     idx: usize,
     role: Role,
     fallback: bool,
@@ -757,7 +819,7 @@ fn grant(
     }
     Lease {
         conn: Some(conn),
-        shared: shared.clone(),
+        shared,
         idx,
         role,
         fallback,
@@ -898,7 +960,7 @@ async fn lease_wait(
                     continue;
                 }
                 return Ok(grant(
-                    shared,
+                    shared.clone(),
                     idx,
                     role,
                     fallback,
@@ -1101,12 +1163,19 @@ async fn try_checkout(
     create: Duration,
 ) -> Result<crate::conn::Pooled, CheckoutError> {
     let slot = &shared.slots[idx];
-    // A guard, not a clone: no shared reference count to bump on the hot path.
-    let pools = slot.pools.load();
-    let Some(pools) = pools.as_ref() else {
-        return Err(CheckoutError::Failed("server actor restarting".into()));
+    // The pool handle itself (one reference count), not a guard of the slot: this
+    // checkout may wait, and many guards held at once make every load slower.
+    let pool = {
+        let pools = slot.pools.load();
+        let Some(pools) = pools.as_ref() else {
+            return Err(CheckoutError::Failed("server actor restarting".into()));
+        };
+        if write {
+            pools.write.clone()
+        } else {
+            pools.read.clone()
+        }
     };
-    let pool = if write { &pools.write } else { &pools.read };
     let timeouts = Timeouts {
         wait: Some(wait),
         create: Some(create),

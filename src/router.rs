@@ -240,7 +240,7 @@ impl Actor for Router {
             RouterMsg::Lease(intent, reply) => {
                 let shared = state.shared.clone();
                 tokio::spawn(async move {
-                    let _ = reply.send(crate::fleet::lease_on(&shared, intent, None).await);
+                    let _ = reply.send(crate::fleet::lease_on(shared, intent, None).await);
                 });
             }
             RouterMsg::Report(r) => {

@@ -151,6 +151,6 @@ impl Session {
             }
             other => other,
         };
-        crate::fleet::lease_on(&shared, intent, Some(self.inner.clone())).await
+        crate::fleet::lease_on(shared, intent, Some(self.inner.clone())).await
     }
 }
