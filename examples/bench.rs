@@ -1,6 +1,6 @@
 //! End-to-end benchmark: what pgfleet costs and what its read-your-writes buys.
 //!
-//! `cargo run --release --example bench` (about 3 minutes; `-- --quick` for a smoke run)
+//! `cargo run --release --example bench` (about 4 minutes; `-- --quick` for a smoke run)
 //! starts a testkit cluster (a primary and two streaming replicas), fills
 //! `kv(k int primary key, v bigint)` with 10 000 rows, and measures:
 //!
