@@ -39,6 +39,13 @@
 //! A [`Session`] carries a high-water mark so its reads see its own writes and never go
 //! back in time when they move between replicas.
 //!
+//! # Features
+//!
+//! All off by default: `tls` (rustls to the servers, `sslmode` / `sslrootcert`),
+//! `axum` (the `SessionLayer`: read-your-writes across HTTP requests with signed
+//! tokens), `metrics` (counters, gauges and histograms through the `metrics` facade),
+//! `cli` (the `pgfleet` binary). The README documents each.
+//!
 //! # Layout
 //!
 //! - `config`: [`Config`] from TOML, validation, secrets kept out of `Debug`.
