@@ -17,10 +17,16 @@ pub(crate) const READ_ONLY_SQL_TRANSACTION: &str = "25006";
 #[non_exhaustive]
 pub enum Error {
     /// No server is a healthy primary right now (writes and strong reads need one).
-    #[error("no primary available after waiting {waited:?}")]
+    #[error(
+        "no primary available after waiting {waited:?}{}",
+        match cause { Some(c) => format!(" ({c})"), None => String::new() }
+    )]
     NoPrimary {
         /// How long the lease waited for one.
         waited: Duration,
+        /// Why, as far as the probes know: the last error of each server that is not a
+        /// replica (e.g. `primary: connect refused`). Never a password.
+        cause: Option<String>,
     },
     /// Two servers both claim to be the primary; writes are refused rather than guessed.
     #[error("split brain: servers {first} and {second} both claim to be primary; writes refused")]
@@ -316,6 +322,7 @@ mod tests {
         let errors = [
             Error::NoPrimary {
                 waited: Duration::from_secs(1),
+                cause: None,
             },
             Error::SplitBrain {
                 first: "a".into(),

@@ -986,9 +986,7 @@ async fn lease_wait(
                 exclude(&mut excluded, idx);
                 if Instant::now() >= deadline {
                     return Err(match need {
-                        Need::Write | Need::Strong => Error::NoPrimary {
-                            waited: start.elapsed(),
-                        },
+                        Need::Write | Need::Strong => shared.no_primary(start.elapsed()),
                         Need::Read(_) => Error::Timeout {
                             server: "*".into(),
                             what: "a server that accepts connections",
@@ -1043,15 +1041,11 @@ async fn primary_or_wait(
         }),
         PrimaryState::Missing => {
             if Instant::now() >= deadline {
-                return Err(Error::NoPrimary {
-                    waited: start.elapsed(),
-                });
+                return Err(shared.no_primary(start.elapsed()));
             }
             wait_change(shared, deadline).await;
             if Instant::now() >= deadline && shared.topology.load().primary_index().is_none() {
-                return Err(Error::NoPrimary {
-                    waited: start.elapsed(),
-                });
+                return Err(shared.no_primary(start.elapsed()));
             }
             Ok(None)
         }

@@ -417,7 +417,7 @@ pub(crate) async fn subscribe(shared: &Arc<Shared>, channel: &str) -> Result<Sub
     let waited = start.elapsed();
     drop(sub);
     Err(match shared.topology.load().primary_index() {
-        None => Error::NoPrimary { waited },
+        None => shared.no_primary(waited),
         Some(i) => Error::Timeout {
             server: shared.slots[i].name.to_string(),
             what: "LISTEN on the primary",

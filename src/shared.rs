@@ -186,6 +186,23 @@ impl Shared {
             .sum()
     }
 
+    /// An error for a lease that found no primary after `waited`, with what the probes
+    /// know of why: the last error of each server not known to be a replica.
+    pub(crate) fn no_primary(&self, waited: Duration) -> crate::error::Error {
+        let t = self.topology.load();
+        let causes: Vec<String> = self
+            .slots
+            .iter()
+            .zip(t.servers.iter())
+            .filter(|(_, v)| v.role != crate::topology::Role::Replica)
+            .filter_map(|(s, _)| s.last_error().map(|e| format!("{}: {e}", s.name)))
+            .collect();
+        crate::error::Error::NoPrimary {
+            waited,
+            cause: (!causes.is_empty()).then(|| causes.join("; ")),
+        }
+    }
+
     pub(crate) fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::Acquire)
     }

@@ -471,6 +471,12 @@ async fn unreachable_primary_at_start_fails_writes_in_time() -> anyhow::Result<(
             matches!(r, Err(Error::NoPrimary { .. })),
             "{intent:?}: {r:?}"
         );
+        // The error says why, from the probes: the primary refuses connections.
+        let text = r.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            text.contains("primary:") && text.to_lowercase().contains("refused"),
+            "{text}"
+        );
         assert!(took <= bound, "{intent:?} took {took:?}");
     }
     // Reads that do not need the primary answer in bounded time, whatever they answer.

@@ -18,7 +18,7 @@ async fn write_fails_with_no_primary(fleet: &Fleet, bound: Duration) -> Duration
     let r = fleet.lease(Intent::Write).await;
     let took = t.elapsed();
     match r {
-        Err(Error::NoPrimary { waited }) => {
+        Err(Error::NoPrimary { waited, .. }) => {
             assert!(
                 waited <= took,
                 "waited {waited:?} is more than the call took ({took:?})"
