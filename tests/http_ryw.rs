@@ -333,12 +333,37 @@ async fn forged_malformed_and_foreign_tokens_are_ignored_and_counted() -> anyhow
         .await?;
     assert_eq!(got.field("token"), "none", "{got:?}");
     assert_eq!(h.layer.rejected_tokens().bad_signature, 1);
+    // The bad cookie is replaced (the read gave the session a mark of its own)...
+    assert!(
+        got.cookie()
+            .is_some_and(|c| c != forged && h.layer.signer().verify(c).is_ok()),
+        "{got:?}"
+    );
+    // ... or, when the request gives no new token, deleted, so the browser stops sending it.
+    let none = h
+        .request(
+            "GET",
+            "/no-such-route",
+            &[("cookie", &format!("pgfleet_token={forged}"))],
+            "",
+        )
+        .await?;
+    assert_eq!(none.cookie(), Some(""), "{none:?}");
+    assert!(
+        none.set_cookie.iter().any(|c| c.contains("Max-Age=0")),
+        "{none:?}"
+    );
+    // A bad token in the header is not a cookie to delete.
+    let none = h
+        .request("GET", "/no-such-route", &[("x-pgfleet-token", &forged)], "")
+        .await?;
+    assert!(none.set_cookie.is_empty(), "{none:?}");
 
     // Signed with a key the layer does not have.
     let by_stranger = signer(&[OTHER_KEY]).sign(&token);
     let got = h.get(id, &[("x-pgfleet-token", &by_stranger)]).await?;
     assert_eq!(got.field("token"), "none", "{got:?}");
-    assert_eq!(h.layer.rejected_tokens().bad_signature, 2);
+    assert_eq!(h.layer.rejected_tokens().bad_signature, 4);
 
     // Not a signed token at all.
     let got = h
@@ -376,7 +401,7 @@ async fn forged_malformed_and_foreign_tokens_are_ignored_and_counted() -> anyhow
     let r = h.layer.rejected_tokens();
     assert_eq!(
         (r.bad_signature, r.malformed, r.foreign_system, r.total()),
-        (3, 2, 1, 6),
+        (5, 2, 1, 8),
         "{r:?}"
     );
     h.stop().await;

@@ -55,6 +55,9 @@ struct LayerShared {
     cookie_name: String,
     /// `; Max-Age=...; Path=...; ...`, computed once.
     cookie_attributes: String,
+    /// A `Set-Cookie` that deletes the cookie (`Max-Age=0`): sent when a request's cookie
+    /// was rejected and no new token replaces it, so a browser stops sending it.
+    clear_cookie: Option<HeaderValue>,
     /// Request and response header for clients without cookies.
     header: HeaderName,
     /// Tokens ignored, by reason.
@@ -138,6 +141,18 @@ impl SessionLayer {
                     config.cookie_http_only,
                     config.cookie_same_site,
                 ),
+                clear_cookie: HeaderValue::try_from(set_cookie(
+                    &config.cookie_name,
+                    "",
+                    &cookie_attributes(
+                        std::time::Duration::ZERO,
+                        &config.cookie_path,
+                        config.cookie_secure,
+                        config.cookie_http_only,
+                        config.cookie_same_site,
+                    ),
+                ))
+                .ok(),
                 header,
                 rejected: Counters::default(),
             }),
@@ -164,8 +179,9 @@ impl SessionLayer {
 }
 
 impl LayerShared {
-    /// A session that has observed every valid token of the request.
-    async fn resume(&self, headers: &HeaderMap) -> Session {
+    /// A session that has observed every valid token of the request, and whether a
+    /// cookie was rejected.
+    async fn resume(&self, headers: &HeaderMap) -> (Session, bool) {
         let session = self.fleet.session();
         // Collected first: the iterators' closures need not live across the awaits.
         let cookies = cookie_values(
@@ -188,13 +204,17 @@ impl LayerShared {
                 candidates.push((source, wire));
             }
         }
+        let mut bad_cookie = false;
         for (source, wire) in candidates {
             match self.check(wire).await {
                 Ok(token) => session.observe(token),
-                Err(rejection) => self.reject(source, &rejection),
+                Err(rejection) => {
+                    bad_cookie |= source == "cookie";
+                    self.reject(source, &rejection);
+                }
             }
         }
-        session
+        (session, bad_cookie)
     }
 
     async fn check(&self, wire: &str) -> Result<Token, Rejection> {
@@ -299,13 +319,20 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let layer = self.layer.shared.clone();
         Box::pin(async move {
-            let session = layer.resume(req.headers()).await;
+            let (session, bad_cookie) = layer.resume(req.headers()).await;
             let incoming = session.token();
             req.extensions_mut().insert(session.clone());
             let mut response = inner.call(req).await?;
+            let mut stamped = false;
             if let Some(token) = session.settled_token().await {
                 if Some(token) != incoming {
                     layer.stamp(&mut response, &token);
+                    stamped = true;
+                }
+            }
+            if bad_cookie && !stamped {
+                if let Some(clear) = &layer.clear_cookie {
+                    response.headers_mut().append(SET_COOKIE, clear.clone());
                 }
             }
             Ok(response)
