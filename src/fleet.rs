@@ -637,14 +637,14 @@ pub(crate) async fn lease_on(
                             exclude(&mut excluded, idx);
                         }
                         Err(e) => {
-                            shared.slots[idx].set_error(pool_error(e, Duration::ZERO).why());
+                            pool_error(e, Duration::ZERO).record(&shared.slots[idx]);
                             void(&shared, idx);
                             exclude(&mut excluded, idx);
                         }
                     }
                 }
+                // The actor is being replaced: not an error of the server's.
                 None => {
-                    shared.slots[idx].set_error("server actor restarting");
                     void(&shared, idx);
                     exclude(&mut excluded, idx);
                 }
@@ -692,7 +692,7 @@ pub(crate) async fn lease_on(
                         exclude(&mut excluded, idx);
                     }
                     Err(e) => {
-                        shared.slots[idx].set_error(pool_error(e, wait).why());
+                        pool_error(e, wait).record(&shared.slots[idx]);
                         void(&shared, idx);
                         exclude(&mut excluded, idx);
                     }
@@ -979,9 +979,11 @@ async fn lease_wait(
                     after,
                 })
             }
-            Err(CheckoutError::Failed(why)) => {
-                tracing::debug!(target: TARGET, server = %shared.slots[idx].name, error = %why, "checkout failed; trying elsewhere");
-                shared.slots[idx].set_error(why);
+            Err(e @ (CheckoutError::Failed(_) | CheckoutError::Restarting)) => {
+                if let CheckoutError::Failed(why) = &e {
+                    tracing::debug!(target: TARGET, server = %shared.slots[idx].name, error = %why, "checkout failed; trying elsewhere");
+                }
+                e.record(&shared.slots[idx]);
                 void(shared, idx);
                 exclude(&mut excluded, idx);
                 if Instant::now() >= deadline {
@@ -1122,8 +1124,12 @@ async fn ask_router(shared: &Shared, token: Token, until: Instant) -> WaitReply 
 }
 
 enum CheckoutError {
+    /// No connection within the wait.
     Timeout(Duration),
+    /// The server refused or failed the connect.
     Failed(String),
+    /// The server's actor is being replaced (pools closed or not published yet).
+    Restarting,
 }
 
 async fn checkout(
@@ -1162,7 +1168,7 @@ async fn try_checkout(
     let pool = {
         let pools = slot.pools.load();
         let Some(pools) = pools.as_ref() else {
-            return Err(CheckoutError::Failed("server actor restarting".into()));
+            return Err(CheckoutError::Restarting);
         };
         if write {
             pools.write.clone()
@@ -1187,16 +1193,17 @@ fn pool_error(e: PoolError<crate::error::ConnectError>, wait: Duration) -> Check
         PoolError::Timeout(t) => CheckoutError::Failed(format!("{t:?} timed out")),
         PoolError::Backend(e) => CheckoutError::Failed(e.to_string()),
         // Closed by a retiring actor: its replacement is on the way.
-        PoolError::Closed => CheckoutError::Failed("server actor restarting".into()),
+        PoolError::Closed => CheckoutError::Restarting,
         e => CheckoutError::Failed(e.to_string()),
     }
 }
 
 impl CheckoutError {
-    fn why(self) -> String {
-        match self {
-            CheckoutError::Timeout(d) => format!("no pooled connection within {d:?}"),
-            CheckoutError::Failed(why) => why,
+    /// Keeps a real failure as the server's last error; a busy pool or a retiring actor
+    /// says nothing about the server (and must not hide the failure that retired it).
+    fn record(self, slot: &ServerSlot) {
+        if let CheckoutError::Failed(why) = self {
+            slot.set_error(why);
         }
     }
 }
