@@ -117,10 +117,18 @@ async fn failed_server_actor_restarts_with_backoff() -> anyhow::Result<()> {
             },
         )
         .await;
-        assert!(
-            ok.load(Ordering::Relaxed) > before + 10,
-            "leases kept flowing during restart {n}"
-        );
+        // The other servers kept serving: leases keep completing (on a loaded machine
+        // the restart can be quicker than ten of them, so this waits rather than asserts
+        // at one instant).
+        common::wait_for(
+            &format!("leases flowing across restart {n}"),
+            Duration::from_secs(10),
+            || {
+                let done = ok.load(Ordering::Relaxed);
+                async move { done > before + 10 }
+            },
+        )
+        .await;
     }
     stop.store(true, Ordering::Relaxed);
     for t in readers.into_iter().chain([writer]) {
