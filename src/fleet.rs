@@ -601,102 +601,77 @@ pub(crate) async fn lease_on(
         let usable = |conn: &crate::conn::Pooled| {
             role != Role::Replica || expected_start.is_none_or(|s| s == conn.postmaster_start_us)
         };
-        let mut busy = false;
-        {
-            // The pool call is awaited here, not through `try_checkout`: one future
-            // layer less to build and move per lease. The guard lives only for this
-            // timer-free call.
+        // A connect may take `create`, or what is left of the wait when there is one.
+        let timeouts = |wait: Duration| Timeouts {
+            wait: Some(wait),
+            create: Some(if wait.is_zero() {
+                create
+            } else {
+                create.min(wait.max(Duration::from_millis(1)))
+            }),
+            recycle: None,
+        };
+        // The pool call is awaited here, not through `try_checkout`: one future layer
+        // less to build and move per lease. The guard lives only for this timer-free call.
+        let mut got = {
             let pools = shared.slots[idx].pools.load();
             match pools.as_ref() {
                 Some(p) => {
-                    let pool = if write_pool { &p.write } else { &p.read };
-                    let timeouts = Timeouts {
-                        wait: Some(Duration::ZERO),
-                        create: Some(create),
-                        recycle: None,
-                    };
-                    match pool.timeout_get(&timeouts).await {
-                        Ok(conn) if usable(&conn) => {
-                            drop(pools);
-                            return Ok(grant(
-                                shared,
-                                idx,
-                                role,
-                                false,
-                                need,
-                                intent,
-                                session,
-                                ignored_token,
-                                start,
-                                conn,
-                            ));
-                        }
-                        Err(PoolError::Timeout(TimeoutType::Wait)) => busy = true,
-                        Ok(_) => {
-                            void(&shared, idx);
-                            exclude(&mut excluded, idx);
-                        }
-                        Err(e) => {
-                            pool_error(e, Duration::ZERO).record(&shared.slots[idx]);
-                            void(&shared, idx);
-                            exclude(&mut excluded, idx);
-                        }
-                    }
+                    p.pick(write_pool)
+                        .timeout_get(&timeouts(Duration::ZERO))
+                        .await
                 }
-                // The actor is being replaced: not an error of the server's.
-                None => {
-                    void(&shared, idx);
-                    exclude(&mut excluded, idx);
-                }
+                None => Err(PoolError::Closed),
             }
-        }
+        };
         // Busy, and no other server could serve it now: wait for this pool (holding the
         // pools themselves, not a guard, since this may take a while).
-        if busy && !others_can_serve(&shared, &need, idx) {
+        let mut waited = None;
+        if matches!(got, Err(PoolError::Timeout(TimeoutType::Wait)))
+            && !others_can_serve(&shared, &need, idx)
+        {
             if let Some(p) = shared.slots[idx].pools.load_full() {
-                let pool = if write_pool { &p.write } else { &p.read };
                 let wait = (start + shared.config.fleet.lease_timeout)
                     .saturating_duration_since(Instant::now());
-                let timeouts = Timeouts {
-                    wait: Some(wait),
-                    create: Some(create.min(wait.max(Duration::from_millis(1)))),
-                    recycle: None,
+                got = p.pick(write_pool).timeout_get(&timeouts(wait)).await;
+                waited = Some(wait);
+            }
+        }
+        match got {
+            Ok(conn) if usable(&conn) => {
+                return Ok(grant(
+                    shared,
+                    idx,
+                    role,
+                    false,
+                    need,
+                    intent,
+                    session,
+                    ignored_token,
+                    start,
+                    conn,
+                ));
+            }
+            // Busy after waiting the whole lease timeout.
+            Err(PoolError::Timeout(TimeoutType::Wait)) if waited.is_some() => {
+                let e = Error::Timeout {
+                    server: shared.slots[idx].name.to_string(),
+                    what: "a pooled connection",
+                    after: start.elapsed(),
                 };
-                match pool.timeout_get(&timeouts).await {
-                    Ok(conn) if usable(&conn) => {
-                        drop(p);
-                        return Ok(grant(
-                            shared,
-                            idx,
-                            role,
-                            false,
-                            need,
-                            intent,
-                            session,
-                            ignored_token,
-                            start,
-                            conn,
-                        ));
-                    }
-                    Err(PoolError::Timeout(TimeoutType::Wait)) => {
-                        let e = Error::Timeout {
-                            server: shared.slots[idx].name.to_string(),
-                            what: "a pooled connection",
-                            after: start.elapsed(),
-                        };
-                        metrics::lease_error(&shared.cluster, need.label(), e.kind());
-                        return Err(e);
-                    }
-                    Ok(_) => {
-                        void(&shared, idx);
-                        exclude(&mut excluded, idx);
-                    }
-                    Err(e) => {
-                        pool_error(e, wait).record(&shared.slots[idx]);
-                        void(&shared, idx);
-                        exclude(&mut excluded, idx);
-                    }
+                metrics::lease_error(&shared.cluster, need.label(), e.kind());
+                return Err(e);
+            }
+            // Busy, and another server may serve: the slow path picks again.
+            Err(PoolError::Timeout(TimeoutType::Wait)) => {}
+            // A restarted server, a failed connect, or an actor being replaced (not an
+            // error of the server's, see `CheckoutError::record`).
+            other => {
+                if let Err(e) = other {
+                    pool_error(e, waited.unwrap_or_default()).record(&shared.slots[idx]);
                 }
+                void(&shared, idx);
+                exclude(&mut excluded, idx);
             }
         }
     }
@@ -1170,11 +1145,7 @@ async fn try_checkout(
         let Some(pools) = pools.as_ref() else {
             return Err(CheckoutError::Restarting);
         };
-        if write {
-            pools.write.clone()
-        } else {
-            pools.read.clone()
-        }
+        pools.pick(write).clone()
     };
     let timeouts = Timeouts {
         wait: Some(wait),

@@ -32,6 +32,15 @@ pub(crate) struct Pools {
 }
 
 impl Pools {
+    /// The write pool or the read pool.
+    pub(crate) fn pick(&self, write: bool) -> &Pool {
+        if write {
+            &self.write
+        } else {
+            &self.read
+        }
+    }
+
     /// Closes both pools; connections in use are dropped when their leases end.
     pub(crate) fn close(&self) {
         self.read.close();
