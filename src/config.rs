@@ -627,12 +627,7 @@ impl Config {
         validate_servers(self, "", &self.primary, &self.replicas)?;
         for (name, c) in &self.clusters {
             let key = format!("clusters.{name}");
-            if name.is_empty()
-                || name == DEFAULT_CLUSTER
-                || !name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-            {
+            if name.is_empty() || name == DEFAULT_CLUSTER || !name.chars().all(is_name_char) {
                 return Err(invalid(
                     key,
                     format!(
@@ -875,26 +870,44 @@ pub(crate) fn check_duration(key: &str, value: Duration, zero_ok: bool) -> Resul
 }
 
 fn check_name(key: &str, name: &str) -> Result<(), ConfigError> {
+    check_identifier(
+        key,
+        name,
+        MAX_NAME_LEN,
+        is_name_char,
+        "letters A-Z a-z, digits, `_` and `-`",
+    )
+}
+
+/// What server and cluster names are made of.
+fn is_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || c == '_' || c == '-'
+}
+
+/// A non-empty name of at most `max_len` bytes, every character `allowed`
+/// (`described` in the error).
+pub(crate) fn check_identifier(
+    key: &str,
+    name: &str,
+    max_len: usize,
+    allowed: fn(char) -> bool,
+    described: &str,
+) -> Result<(), ConfigError> {
     if name.is_empty() {
         return Err(invalid(key, "must not be empty"));
     }
-    if name.len() > MAX_NAME_LEN {
+    if name.len() > max_len {
         return Err(invalid(
             key,
-            format!(
-                "is {} bytes long; at most {MAX_NAME_LEN} allowed",
-                name.len()
-            ),
+            format!("is {} bytes long; at most {max_len} allowed", name.len()),
         ));
     }
-    if let Some(c) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-'))
-    {
+    if let Some(c) = name.chars().find(|&c| !allowed(c)) {
         return Err(invalid(
             key,
             format!(
-                "`{name}` contains {c:?}; only letters A-Z a-z, digits, `_` and `-` are allowed"
+                "`{}` contains {c:?}; only {described} are allowed",
+                name.escape_debug()
             ),
         ));
     }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::config::{check_duration, env_reference, invalid, ConfigError};
+use crate::config::{check_duration, check_identifier, env_reference, invalid, ConfigError};
 
 /// Shortest accepted signing key, in bytes: HMAC-SHA256 wants a key at least as long as
 /// its 256-bit output. Shorter keys are refused rather than warned about.
@@ -239,28 +239,13 @@ fn is_tchar(c: char) -> bool {
 }
 
 fn check_token_name(key: &str, name: &str) -> Result<(), ConfigError> {
-    if name.is_empty() {
-        return Err(invalid(key, "must not be empty"));
-    }
-    if name.len() > MAX_NAME_LEN {
-        return Err(invalid(
-            key,
-            format!(
-                "is {} bytes long; at most {MAX_NAME_LEN} allowed",
-                name.len()
-            ),
-        ));
-    }
-    if let Some(c) = name.chars().find(|&c| !is_tchar(c)) {
-        return Err(invalid(
-            key,
-            format!(
-                "`{}` contains {c:?}; only letters, digits and !#$%&'*+-.^_`|~ are allowed",
-                name.escape_debug()
-            ),
-        ));
-    }
-    Ok(())
+    check_identifier(
+        key,
+        name,
+        MAX_NAME_LEN,
+        is_tchar,
+        "letters, digits and !#$%&'*+-.^_`|~",
+    )
 }
 
 impl HttpConfig {
