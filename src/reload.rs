@@ -80,6 +80,7 @@ impl Fleet {
         let mut report = ReloadReport::default();
         let mut old_gens = Vec::with_capacity(cells.len());
         let mut new_gens = Vec::with_capacity(cells.len());
+        let mut handed = Vec::with_capacity(cells.len());
         for cell in &cells {
             let old = cell.current.load_full();
             if old.is_shutting_down() {
@@ -89,7 +90,7 @@ impl Fleet {
                 Error::Internal(format!("cluster {} vanished from the config", cell.name))
             })?;
             let new = build_shared(&cell.name, one, Some(&old))?;
-            hand_over(&cell.name, &old, &new, &mut report);
+            handed.push(hand_over(&cell.name, &old, &new, &mut report));
             old_gens.push(old);
             new_gens.push(Arc::new(new));
         }
@@ -97,23 +98,14 @@ impl Fleet {
             ractor::call!(self.supervisor(), SupervisorMsg::Reload, new_gens.clone()).map_err(
                 |e| Error::Internal(format!("reload: the supervisor did not answer: {e}")),
             )?;
-        for ((cell, old), new) in cells.iter().zip(&old_gens).zip(new_gens) {
-            cell.current.store(new.clone());
+        for (((cell, old), new), handed) in cells.iter().zip(&old_gens).zip(new_gens).zip(handed) {
+            cell.current.store(new);
             // Pools handed over now belong to the new generation: unhook them from the
             // old slots before the old actors stop (their post_stop closes what is left).
-            for o in &old.slots {
-                let moved = o.pools.load().as_ref().is_some_and(|op| {
-                    new.slots.iter().any(|n| {
-                        n.pools
-                            .load()
-                            .as_ref()
-                            .is_some_and(|np| Arc::ptr_eq(op, np))
-                    })
-                });
-                if moved {
-                    o.pools.store(None);
-                    o.actor.store(None);
-                }
+            for i in handed {
+                let o = &old.slots[i];
+                o.pools.store(None);
+                o.actor.store(None);
             }
             old.changed.notify_waiters();
         }
@@ -126,8 +118,9 @@ impl Fleet {
 }
 
 /// Moves what carries over from `old` to `new` (pools of unchanged servers, counters,
-/// the topology by server name) and records it in `report`.
-fn hand_over(cluster: &str, old: &Shared, new: &Shared, report: &mut ReloadReport) {
+/// the topology by server name) and records it in `report`. Returns the old slots whose
+/// pools went over.
+fn hand_over(cluster: &str, old: &Shared, new: &Shared, report: &mut ReloadReport) -> Vec<usize> {
     let label = |name: &str| {
         if cluster == DEFAULT_CLUSTER {
             name.to_owned()
@@ -143,11 +136,13 @@ fn hand_over(cluster: &str, old: &Shared, new: &Shared, report: &mut ReloadRepor
             && a.probe_timeout == b.probe_timeout
             && a.tls == b.tls
     };
+    let mut handed = Vec::new();
     for slot in &new.slots {
-        let Some(o) = old.slots.iter().find(|o| o.name == slot.name) else {
+        let Some(i) = old.slots.iter().position(|o| o.name == slot.name) else {
             report.added.push(label(&slot.name));
             continue;
         };
+        let o = &old.slots[i];
         for (from, to) in [
             (&o.leases, &slot.leases),
             (&o.fallbacks, &slot.fallbacks),
@@ -168,6 +163,7 @@ fn hand_over(cluster: &str, old: &Shared, new: &Shared, report: &mut ReloadRepor
                 // The old actor must not close them when it stops.
                 p.owner.fetch_add(1, Ordering::AcqRel);
                 slot.pools.store(Some(p));
+                handed.push(i);
                 report.kept.push(label(&slot.name));
             }
             _ => report.replaced.push(label(&slot.name)),
@@ -180,6 +176,7 @@ fn hand_over(cluster: &str, old: &Shared, new: &Shared, report: &mut ReloadRepor
     }
     new.topology
         .store(Arc::new(seed_topology(&old.topology.load(), old, new)));
+    handed
 }
 
 /// The new generation's first topology: each server's last known state, matched by
