@@ -1,6 +1,6 @@
 //! Read-your-writes across HTTP requests with axum and pgfleet's `SessionLayer`.
 //!
-//! `cargo run --example axum_app --features axum` starts a local primary and two
+//! `cargo run --example axum_app` starts a local primary and two
 //! replicas through the testkit, pauses replay on both replicas (so a replica cannot show
 //! a new write), and serves on 127.0.0.1:
 //!
