@@ -517,7 +517,7 @@ impl Fleet {
 }
 
 /// Whether a token is ours and plausible against the topology.
-fn check_token(t: &Topology, token: &Token) -> Result<(), TokenError> {
+pub(crate) fn check_token(t: &Topology, token: &Token) -> Result<(), TokenError> {
     if let Some(ours) = t.system_id {
         if ours != token.system_id() {
             return Err(TokenError::ForeignSystem {
@@ -848,6 +848,7 @@ async fn lease_wait(
     let cfg = &shared.config;
     let deadline = start + cfg.fleet.lease_timeout;
     let mut waited_for_replica = false;
+    let mut verified = false;
     loop {
         if shared.is_shutting_down() {
             return Err(Error::ShuttingDown);
@@ -900,6 +901,20 @@ async fn lease_wait(
                             WaitReply::TooMany(n) => {
                                 shared.counters.ryw_refused.fetch_add(1, Ordering::Relaxed);
                                 return Err(Error::TooManyWaiters { waiting: n });
+                            }
+                            // No replica has it: before refusing or falling back, a
+                            // position the primary has not reached either (forged, or from
+                            // a lost history) gets a typed error, judged on a fresh primary
+                            // probe, rather than a read that pretends to follow it.
+                            WaitReply::Fallback { .. }
+                                if !verified && matches!(rn, ReadNeed::After(_)) =>
+                            {
+                                verified = true;
+                                if let ReadNeed::After(token) = rn {
+                                    drop(topo);
+                                    crate::verify::verify_position(shared, &token).await?;
+                                }
+                                continue;
                             }
                             WaitReply::Fallback {
                                 behind_bytes,

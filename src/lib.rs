@@ -28,7 +28,7 @@
 //! | [`Consistency::Strong`] | the primary |
 //! | [`Consistency::Eventual`] | a healthy replica within `max_lag_bytes` and `max_lag`; else the fallback |
 //! | [`Consistency::MaxStaleness`] | a healthy replica whose time lag is at most the bound; else the fallback |
-//! | [`Consistency::AfterLsn`] | a healthy replica that has replayed the token; else wait up to `ryw_wait`; else the fallback |
+//! | [`Consistency::AfterLsn`] | a healthy replica that has replayed the token; else wait up to `ryw_wait`; else the fallback (a token the primary has not reached either: [`TokenError::AheadOfPrimary`]) |
 //!
 //! The fallback is the primary (`fallback = "primary"`, the default), on a connection
 //! with `default_transaction_read_only = on` so a write under a read lease fails there

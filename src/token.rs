@@ -10,7 +10,10 @@ use crate::lsn::Lsn;
 ///
 /// A read carrying a token is served only by a server that has *replayed* that
 /// position. Its text form is stable across versions and safe in cookies and headers:
-/// `v1.<system id, hex>.<timeline, hex>.<LSN X/Y>`, e.g. `v1.6f1c2d3e4a5b6c7d.1.0/3000148`.
+/// `v1.<system id, 16 hex digits>.<timeline, hex>.<LSN X/YYYYYYYY>`, e.g.
+/// `v1.6f1c2d3e4a5b6c7d.1.0/03000148`. The system id and the LSN's low half have fixed
+/// widths, so a truncated token never parses as another (earlier) position; the LSN
+/// part is what `pg_lsn` accepts.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Token {
     system_id: u64,
@@ -56,10 +59,14 @@ impl Token {
 
 impl fmt::Display for Token {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let lsn = self.lsn.as_u64();
         write!(
             f,
-            "v1.{:x}.{:x}.{}",
-            self.system_id, self.timeline, self.lsn
+            "v1.{:016x}.{:x}.{:X}/{:08X}",
+            self.system_id,
+            self.timeline,
+            lsn >> 32,
+            lsn & 0xFFFF_FFFF
         )
     }
 }
@@ -121,16 +128,21 @@ impl FromStr for Token {
         if parts.next() != Some("v1") {
             return Err(malformed("unknown version (expected v1.)"));
         }
-        let hex = |p: Option<&str>, max_len: usize, reason: &'static str| {
-            p.filter(|p| {
-                !p.is_empty() && p.len() <= max_len && p.bytes().all(|b| b.is_ascii_hexdigit())
-            })
-            .and_then(|p| u64::from_str_radix(p, 16).ok())
-            .ok_or(malformed(reason))
+        // Hexadecimal of `min..=max` digits.
+        let hex = |p: Option<&str>, min: usize, max: usize, reason: &'static str| {
+            p.filter(|p| (min..=max).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_hexdigit()))
+                .and_then(|p| u64::from_str_radix(p, 16).ok())
+                .ok_or(malformed(reason))
         };
-        let system_id = hex(parts.next(), 16, "system id is not hexadecimal")?;
+        let system_id = hex(
+            parts.next(),
+            16,
+            16,
+            "system id is not 16 hexadecimal digits",
+        )?;
         let timeline = hex(
             parts.next(),
+            1,
             8,
             "timeline is not a 32-bit hexadecimal number",
         )?;
@@ -138,11 +150,14 @@ impl FromStr for Token {
         if timeline == 0 {
             return Err(malformed("timeline 0 does not exist"));
         }
-        let lsn = parts
+        let (hi, lo) = parts
             .next()
             .ok_or(malformed("missing LSN"))?
-            .parse::<Lsn>()
-            .map_err(|_| malformed("LSN is not X/Y hexadecimal"))?;
+            .split_once('/')
+            .ok_or(malformed("LSN is not X/YYYYYYYY hexadecimal"))?;
+        let hi = hex(Some(hi), 1, 8, "LSN is not X/YYYYYYYY hexadecimal")?;
+        let lo = hex(Some(lo), 8, 8, "LSN is not X/YYYYYYYY hexadecimal")?;
+        let lsn = Lsn((hi << 32) | lo);
         Ok(Token::new(system_id, timeline, lsn))
     }
 }
@@ -168,8 +183,13 @@ mod tests {
     #[test]
     fn text_form_is_stable() {
         let t = Token::new(0x6f1c_2d3e_4a5b_6c7d, 1, Lsn(0x3000148));
-        assert_eq!(t.to_string(), "v1.6f1c2d3e4a5b6c7d.1.0/3000148");
-        assert_eq!("v1.6f1c2d3e4a5b6c7d.1.0/3000148".parse::<Token>(), Ok(t));
+        assert_eq!(t.to_string(), "v1.6f1c2d3e4a5b6c7d.1.0/03000148");
+        assert_eq!("v1.6f1c2d3e4a5b6c7d.1.0/03000148".parse::<Token>(), Ok(t));
+        let t = Token::new(7, 0x1a, Lsn(0x16_B374_D848));
+        assert_eq!(t.to_string(), "v1.0000000000000007.1a.16/B374D848");
+        assert_eq!(t.to_string().parse::<Token>(), Ok(t));
+        // Lower-case hex is accepted too.
+        assert_eq!("v1.0000000000000007.1A.16/b374d848".parse::<Token>(), Ok(t));
     }
 
     #[test]
@@ -190,6 +210,14 @@ mod tests {
             " v1.1.1.0/1",
             "v1.1.1.0/1 ",
             "v1.+1.1.0/1",
+            // Unpadded system id or low LSN half: what a truncation would look like.
+            "v1.6f1c2d3e4a5b6c7.1.0/03000148",
+            "v1.6f1c2d3e4a5b6c7d.1.0/3000148",
+            "v1.6f1c2d3e4a5b6c7d.1.0/0300014",
+            "v1.6f1c2d3e4a5b6c7d.1.0/030001480",
+            "v1.6f1c2d3e4a5b6c7d.1./03000148",
+            "v1.6f1c2d3e4a5b6c7d.1.100000000/03000148",
+            "v1.6f1c2d3e4a5b6c7d.1.0/+3000148",
         ] {
             assert!(
                 matches!(bad.parse::<Token>(), Err(TokenError::Malformed { .. })),
@@ -215,6 +243,14 @@ mod tests {
         fn round_trips(sys in any::<u64>(), tl in 1u32.., lsn in any::<u64>()) {
             let t = Token::new(sys, tl, Lsn(lsn));
             prop_assert_eq!(t.to_string().parse::<Token>(), Ok(t));
+        }
+
+        #[test]
+        fn no_prefix_of_a_token_parses(sys in any::<u64>(), tl in 1u32.., lsn in any::<u64>()) {
+            let text = Token::new(sys, tl, Lsn(lsn)).to_string();
+            for cut in 0..text.len() {
+                prop_assert!(text[..cut].parse::<Token>().is_err(), "{}", &text[..cut]);
+            }
         }
 
         #[test]

@@ -7,10 +7,12 @@
 //! primary at release. A token ahead of it is therefore not judged forged until the
 //! primary has been probed again.
 
+use std::sync::Arc;
 use std::time::Instant;
 
-use crate::fleet::Fleet;
+use crate::fleet::{check_token, Fleet};
 use crate::lsn::Lsn;
+use crate::shared::Shared;
 use crate::token::{Token, TokenError};
 use crate::topology::Topology;
 
@@ -77,43 +79,50 @@ impl Fleet {
     /// has not reached.
     pub async fn verify_token(&self, token: &Token) -> Result<(), TokenError> {
         self.check_token(token)?;
-        let shared = self.shared();
-        let idx = match judge(&shared.topology.load(), token) {
-            Judgement::Reached | Judgement::Unknown => return Ok(()),
-            Judgement::Ahead { idx, .. } => idx,
-        };
-        if let Some(slot) = shared.slots.get(idx) {
-            slot.probe_now();
-        }
-        let deadline = Instant::now() + shared.config.fleet.probe_timeout * 2;
-        let primary;
-        loop {
-            let notified = shared.changed.notified();
-            self.check_token(token)?;
-            // A statement of its own: the topology guard must not live across the wait.
-            let judgement = judge(&shared.topology.load(), token);
-            match judgement {
-                Judgement::Reached | Judgement::Unknown => {
-                    tracing::debug!(target: TARGET, %token, "token ahead of the cached primary position confirmed by a fresh probe");
-                    return Ok(());
-                }
-                Judgement::Ahead { primary: p, .. } => {
-                    if tokio::time::timeout_at(deadline.into(), notified)
-                        .await
-                        .is_err()
-                    {
-                        primary = p;
-                        break;
-                    }
+        verify_position(&self.shared(), token).await
+    }
+}
+
+/// The position half of [`Fleet::verify_token`]: `Ok` unless `token` is still ahead of
+/// the primary after a fresh probe. The lease path calls it before a read carrying
+/// `token` falls back to the primary, so a forged position gets a typed error instead
+/// of a read that pretends to be after it.
+pub(crate) async fn verify_position(shared: &Arc<Shared>, token: &Token) -> Result<(), TokenError> {
+    let idx = match judge(&shared.topology.load(), token) {
+        Judgement::Reached | Judgement::Unknown => return Ok(()),
+        Judgement::Ahead { idx, .. } => idx,
+    };
+    if let Some(slot) = shared.slots.get(idx) {
+        slot.probe_now();
+    }
+    let deadline = Instant::now() + shared.config.fleet.probe_timeout * 2;
+    let primary;
+    loop {
+        let notified = shared.changed.notified();
+        check_token(&shared.topology.load(), token)?;
+        // A statement of its own: the topology guard must not live across the wait.
+        let judgement = judge(&shared.topology.load(), token);
+        match judgement {
+            Judgement::Reached | Judgement::Unknown => {
+                tracing::debug!(target: TARGET, %token, "token ahead of the cached primary position confirmed by a fresh probe");
+                return Ok(());
+            }
+            Judgement::Ahead { primary: p, .. } => {
+                if tokio::time::timeout_at(deadline.into(), notified)
+                    .await
+                    .is_err()
+                {
+                    primary = p;
+                    break;
                 }
             }
         }
-        tracing::debug!(target: TARGET, %token, %primary, "token ahead of the primary after a fresh probe");
-        Err(TokenError::AheadOfPrimary {
-            primary,
-            theirs: token.lsn(),
-        })
     }
+    tracing::debug!(target: TARGET, %token, %primary, "token ahead of the primary after a fresh probe");
+    Err(TokenError::AheadOfPrimary {
+        primary,
+        theirs: token.lsn(),
+    })
 }
 
 #[cfg(test)]

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use pgfleet::ractor::call;
 use pgfleet::{
-    Config, ConfigError, Consistency, Error, Fleet, Health, Intent, Lsn, ReplicaConfig, Role,
-    RouterMsg, ServerUrl, Token, TokenError,
+    Config, ConfigError, Consistency, Error, Fleet, Health, Intent, Lsn, ReplicaConfig, RouterMsg,
+    ServerUrl, Token, TokenError,
 };
 use pgfleet_testkit::LocalCluster;
 use proptest::prelude::*;
@@ -41,7 +41,7 @@ fn is_malformed(r: &Result<Token, TokenError>) -> bool {
 
 #[test]
 fn malformed_token_texts_are_typed_errors() {
-    let valid = "v1.6f1c2d3e4a5b6c7d.1.0/3000148";
+    let valid = "v1.6f1c2d3e4a5b6c7d.1.0/03000148";
     assert!(valid.parse::<Token>().is_ok());
     let long = format!("{valid}{}", "0".repeat(10_000));
     let garbage = [
@@ -51,25 +51,25 @@ fn malformed_token_texts_are_typed_errors() {
         "null",
         "v1",
         "v1.",
-        "V1.6f1c2d3e4a5b6c7d.1.0/3000148",
-        "v1.6f1c2d3e4a5b6c7d.1.0/3000148.",
-        "v1.6f1c2d3e4a5b6c7d.1.0/3000148/1",
-        "v1.6f1c2d3e4a5b6c7d.1.0x0/3000148",
-        "v1.6f1c2d3e4a5b6c7d.-1.0/3000148",
-        "v1.-6f1c2d3e4a5b6c7d.1.0/3000148",
-        "v1.6f1c2d3e4a5b6c7d.0.0/3000148",
-        "v1.6f1c2d3e4a5b6c7d.100000000.0/3000148",
-        "v1.16f1c2d3e4a5b6c7d.1.0/3000148",
+        "V1.6f1c2d3e4a5b6c7d.1.0/03000148",
+        "v1.6f1c2d3e4a5b6c7d.1.0/03000148.",
+        "v1.6f1c2d3e4a5b6c7d.1.0/03000148/1",
+        "v1.6f1c2d3e4a5b6c7d.1.0x0/03000148",
+        "v1.6f1c2d3e4a5b6c7d.-1.0/03000148",
+        "v1.-6f1c2d3e4a5b6c7d.1.0/03000148",
+        "v1.6f1c2d3e4a5b6c7d.0.0/03000148",
+        "v1.6f1c2d3e4a5b6c7d.100000000.0/03000148",
+        "v1.16f1c2d3e4a5b6c7d.1.0/03000148",
         "v1.6f1c2d3e4a5b6c7d.1.100000000/0",
         "v1.6f1c2d3e4a5b6c7d.1.0/100000000",
         "v1.6f1c2d3e4a5b6c7d.1.g/1",
-        "v1.6f1c2d3e4a5b6c7d.1.0/3000148\0",
+        "v1.6f1c2d3e4a5b6c7d.1.0/03000148\0",
         "v1.6f1c2d3e4a5b6c7d.1.０/3000148",
-        "v1.６f1c2d3e4a5b6c7d.1.0/3000148",
-        "v1.6f1c2d3e4a5b6c7d.1.0/3000148\n",
-        "v1.6f1c2d3e4a5b6c7d. 1.0/3000148",
-        "v1.6f1c2d3e4a5b6c7d.1 .0/3000148",
-        "\u{feff}v1.6f1c2d3e4a5b6c7d.1.0/3000148",
+        "v1.６f1c2d3e4a5b6c7d.1.0/03000148",
+        "v1.6f1c2d3e4a5b6c7d.1.0/03000148\n",
+        "v1.6f1c2d3e4a5b6c7d. 1.0/03000148",
+        "v1.6f1c2d3e4a5b6c7d.1 .0/03000148",
+        "\u{feff}v1.6f1c2d3e4a5b6c7d.1.0/03000148",
         &long,
     ];
     for text in garbage {
@@ -84,18 +84,12 @@ fn malformed_token_texts_are_typed_errors() {
         );
         assert!(!e.is_retryable(), "a malformed token is not retryable");
     }
-    // Every truncation of a valid token is either malformed or (cut inside the LSN's
-    // last half) a different, well-formed token.
+    // Every truncation of a valid token is malformed: fixed-width fields, so no prefix
+    // reads as another (earlier) position.
     for cut in 0..valid.len() {
         let text = &valid[..cut];
-        match text.parse::<Token>() {
-            Err(TokenError::Malformed { .. }) => {}
-            Ok(t) => {
-                assert!(text.starts_with("v1.6f1c2d3e4a5b6c7d.1.0/"), "{text:?}");
-                assert_eq!(t.to_string(), text, "a truncated token round-trips");
-            }
-            Err(e) => panic!("{text:?} gave {e:?}"),
-        }
+        let r = text.parse::<Token>();
+        assert!(is_malformed(&r), "{text:?} gave {r:?}");
     }
 }
 
@@ -145,65 +139,68 @@ async fn forged_tokens_get_typed_errors_or_safe_reads() -> anyhow::Result<()> {
     );
     assert_eq!(fleet.check_token(&real), Ok(()));
 
-    // A position far ahead of the primary (forged, or from a lost history). The fleet
-    // cannot know it is forged (the primary moves on), so it must not hang and must not
-    // serve it stale: it waits at most ryw_wait for a replica and falls back to the primary.
+    // A position far ahead of the primary (forged, or from a lost history). No replica
+    // has it, so before falling back the fleet probes the primary afresh: still ahead,
+    // the read gets a typed error in bounded time (never a hang, never a read that
+    // pretends to follow it). `check_token` (no I/O) cannot know and lets it pass.
     let far = Lsn(real.lsn().as_u64() + (1 << 40));
     let forged_text = format!(
-        "v1.{:x}.{:x}.FFFFFFFF/FFFFFFFF",
+        "v1.{:016x}.{:x}.FFFFFFFF/FFFFFFFF",
         real.system_id(),
         real.timeline()
     );
+    let expect_ahead = |r: &Result<pgfleet::Lease, Error>, ahead: &Token| match r {
+        Err(Error::Token(TokenError::AheadOfPrimary { primary, theirs })) => {
+            assert_eq!(*theirs, ahead.lsn());
+            assert!(
+                *primary >= real.lsn() && *primary < ahead.lsn(),
+                "{primary}"
+            );
+        }
+        Err(e) => panic!("a read after {ahead}: expected AheadOfPrimary, got {e:?}"),
+        Ok(l) => panic!("a read after {ahead} was served by {}", l.server()),
+    };
     for ahead in [
         Token::new(real.system_id(), real.timeline(), far),
         forged_text.parse::<Token>()?,
     ] {
-        assert_eq!(
-            fleet.check_token(&ahead),
-            Ok(()),
-            "not refused (see the note)"
-        );
+        assert_eq!(fleet.check_token(&ahead), Ok(()), "no I/O, no judgement");
         let (r, took) = bounded("a read after a token far ahead", async {
             fleet.lease(Intent::read_after(&ahead)).await
         })
         .await;
-        let lease = r?;
-        assert_eq!(
-            (lease.server(), lease.role(), lease.is_fallback()),
-            ("primary", Role::Primary, true),
-            "a read after {ahead} ({took:?})"
-        );
-        assert_eq!(read_row(&lease, &table).await?, "one");
-        // A fallback read is read-only on the primary too.
-        let write = lease
-            .execute(&format!("UPDATE {table} SET v = 'x'"), &[])
-            .await
-            .map_err(|e| lease.error(e));
-        assert!(
-            matches!(write, Err(Error::ReadOnly { .. })),
-            "a write under a read lease: {write:?}"
-        );
-        drop(lease);
+        expect_ahead(&r, &ahead);
         assert!(
             took <= bound,
             "a read after {ahead} took {took:?} (bound {bound:?})"
         );
-        println!("read after {ahead}: served by the primary in {took:?}");
+        assert!(matches!(
+            fleet.verify_token(&ahead).await,
+            Err(TokenError::AheadOfPrimary { .. })
+        ));
+        // The router actor decides the same.
+        let router = fleet.router()?;
+        let (r, _) = bounded("the router's answer", async {
+            call!(router, RouterMsg::Lease, Intent::read_after(&ahead))
+        })
+        .await;
+        expect_ahead(&r?, &ahead);
+        println!("read after {ahead}: refused in {took:?}");
 
-        // A session resumed from it: reads are served by the primary, never hang.
+        // A session resumed from it: its reads get the same typed error, never hang.
         let (session, ignored) = fleet.session_from(ahead);
         assert_eq!(ignored, None);
-        for _ in 0..3 {
-            let (r, took) = bounded("a session read after a token far ahead", async {
-                session.lease(Intent::read()).await
-            })
-            .await;
-            let lease = r?;
-            assert_eq!(lease.role(), Role::Primary, "session read after {ahead}");
-            assert_eq!(read_row(&lease, &table).await?, "one");
-            assert!(took <= bound, "session read took {took:?}");
-        }
+        let (r, took) = bounded("a session read after a token far ahead", async {
+            session.lease(Intent::read()).await
+        })
+        .await;
+        expect_ahead(&r, &ahead);
+        assert!(took <= bound, "session read took {took:?}");
     }
+    // The real token is still served, by a replica (it has replayed it).
+    let lease = fleet.lease(Intent::read_after(&real)).await?;
+    assert_eq!(read_row(&lease, &table).await?, "one");
+    drop(lease);
 
     // Another system identifier: not ours, ignored with its typed reason; the read is
     // served as an eventual read.
@@ -284,8 +281,9 @@ async fn forged_tokens_get_typed_errors_or_safe_reads() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// With `fallback = "error"`, a token far ahead of every replica gets a typed
-/// `NoFreshReplica` error in bounded time instead of a primary read.
+/// With `fallback = "error"`, a token far ahead of every server gets a typed
+/// `AheadOfPrimary` error in bounded time (a token only the replicas lack gets
+/// `NoFreshReplica`: tests/fallback_error.rs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_far_ahead_with_fallback_error_is_a_typed_error() -> anyhow::Result<()> {
     common::trace();
@@ -303,12 +301,12 @@ async fn token_far_ahead_with_fallback_error_is_a_typed_error() -> anyhow::Resul
         fleet.lease(Intent::read_after(&ahead)).await
     })
     .await;
+    // The primary has not reached it either: refused as forged, not as a replica's lag.
     match r {
-        Err(e @ Error::NoFreshReplica { .. }) => {
-            assert!(e.is_retryable());
-            println!("{e} (after {took:?})");
+        Err(Error::Token(e @ TokenError::AheadOfPrimary { .. })) => {
+            println!("{e} (after {took:?})")
         }
-        Err(e) => panic!("expected NoFreshReplica, got {e:?}"),
+        Err(e) => panic!("expected AheadOfPrimary, got {e:?}"),
         Ok(l) => panic!("a read after {ahead} was served by {}", l.server()),
     }
     assert!(took <= fleet_bound(), "took {took:?}");

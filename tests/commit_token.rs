@@ -232,7 +232,7 @@ fn garbage_token_text_is_an_error() -> anyhow::Result<()> {
         }
     }
     // And a valid one parses, for contrast.
-    let t: Token = "v1.6f1c2d3e4a5b6c7d.1.0/3000148".parse()?;
+    let t: Token = "v1.6f1c2d3e4a5b6c7d.1.0/03000148".parse()?;
     assert_eq!(
         (t.system_id(), t.timeline(), t.lsn()),
         (0x6f1c2d3e4a5b6c7d, 1, Lsn(0x3000148))
