@@ -176,6 +176,13 @@ pub struct FleetConfig {
     /// before it stops them anyway. Default: `5s`.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// How long `Fleet::start` waits for every cluster's primary to answer a probe
+    /// before it returns; past it, start stops what it started and fails with
+    /// `Error::NoPrimary` (naming why the primary could not be reached). `"0s"` (the
+    /// default) returns at once: unreachable servers are reported unhealthy and leases
+    /// wait for a primary within `lease_timeout` instead.
+    #[serde(with = "humantime_serde")]
+    pub start_wait: Duration,
     /// What `fleet.cluster(name)` does with a name no `[clusters.NAME]` section has:
     /// `"error"` (`Error::UnknownCluster`) or `"default"` (the top-level cluster).
     /// Default: `"error"`.
@@ -201,6 +208,7 @@ impl Default for FleetConfig {
             slow_start: Duration::ZERO,
             max_waiters: 1024,
             shutdown_timeout: Duration::from_secs(5),
+            start_wait: Duration::ZERO,
             unknown_cluster: UnknownCluster::Error,
             tls: TlsConfig::default(),
         }
@@ -786,6 +794,7 @@ impl FleetConfig {
             check_duration(key, value, false)?;
         }
         check_duration("fleet.slow_start", self.slow_start, true)?;
+        check_duration("fleet.start_wait", self.start_wait, true)?;
 
         if self.tcp_keepalive < Duration::from_secs(1) {
             return Err(invalid(

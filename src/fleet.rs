@@ -147,12 +147,15 @@ impl Drop for TreeGuard {
 impl Fleet {
     /// Validates `config`, spawns the supervisor, router and server actors, and returns
     /// at once: servers connect in the background, begin unhealthy, and join rotation on
-    /// their first successful probe. Use [`Fleet::wait_ready`] to wait for that.
+    /// their first successful probe. Use [`Fleet::wait_ready`] to wait for that, or set
+    /// `fleet.start_wait` to make `start` itself wait for every cluster's primary.
     ///
     /// # Errors
     ///
     /// [`Error::Config`] for an invalid configuration; [`Error::Internal`] if the actor
-    /// system cannot start. An unreachable server is not an error.
+    /// system cannot start; [`Error::NoPrimary`] when `fleet.start_wait` is set and a
+    /// cluster's primary did not answer within it (the fleet is stopped then). An
+    /// unreachable server is not an error otherwise.
     pub async fn start(config: Config) -> Result<Fleet, Error> {
         config.validate()?;
         // The registry is fixed here: sorted by name for lock-free lookups.
@@ -181,7 +184,7 @@ impl Fleet {
             .iter()
             .position(|c| &*c.name == DEFAULT_CLUSTER)
             .ok_or_else(|| Error::Internal("no default cluster".into()))?;
-        Ok(Fleet {
+        let fleet = Fleet {
             cell: clusters[default].clone(),
             guard: Arc::new(TreeGuard {
                 supervisor,
@@ -190,7 +193,38 @@ impl Fleet {
                 unknown: config.fleet.unknown_cluster,
                 reloading: tokio::sync::Mutex::new(()),
             }),
-        })
+        };
+        let wait = config.fleet.start_wait;
+        if !wait.is_zero() {
+            fleet.wait_for_primaries(wait).await?;
+        }
+        Ok(fleet)
+    }
+
+    /// `fleet.start_wait`: waits until every cluster has a primary; on timeout stops
+    /// the tree and names the first cluster without one.
+    async fn wait_for_primaries(&self, wait: Duration) -> Result<(), Error> {
+        let started = Instant::now();
+        let deadline = started + wait;
+        for cell in self.guard.clusters.iter() {
+            loop {
+                let shared = cell.current.load_full();
+                let notified = shared.changed.notified();
+                if shared.topology.load().primary_index().is_some() {
+                    break;
+                }
+                if tokio::time::timeout_at(deadline.into(), notified)
+                    .await
+                    .is_err()
+                {
+                    let e = shared.no_primary(started.elapsed());
+                    tracing::warn!(target: TARGET, cluster = %cell.name, error = %e, "no primary within fleet.start_wait; stopping");
+                    self.shutdown().await;
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The handle of cluster `name` (`[clusters.NAME]`; [`DEFAULT_CLUSTER`] is the

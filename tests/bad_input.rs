@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use pgfleet::ractor::call;
 use pgfleet::{
-    Config, ConfigError, Consistency, Error, Fleet, Health, Intent, Lsn, ReplicaConfig, RouterMsg,
-    ServerUrl, Token, TokenError,
+    Config, ConfigError, Consistency, Error, Fleet, Health, Intent, Lsn, ReplicaConfig, Role,
+    RouterMsg, ServerUrl, Token, TokenError,
 };
 use pgfleet_testkit::LocalCluster;
 use proptest::prelude::*;
@@ -446,9 +446,9 @@ async fn unreachable_replicas_at_start_are_unhealthy_and_the_rest_serves() -> an
     Ok(())
 }
 
-/// An unreachable primary at start: the fleet starts (a `start` that waits for a primary
-/// would be a config choice; there is none), is not ready, and writes fail with
-/// `NoPrimary` in bounded time.
+/// An unreachable primary at start: the fleet starts (with the default
+/// `fleet.start_wait = "0s"`), is not ready, and writes fail with `NoPrimary` in bounded
+/// time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_primary_at_start_fails_writes_in_time() -> anyhow::Result<()> {
     common::trace();
@@ -487,6 +487,59 @@ async fn unreachable_primary_at_start_fails_writes_in_time() -> anyhow::Result<(
     drop(r);
     let status = fleet.status();
     assert!(status.primary_down, "{status}");
+    bounded("shutdown", fleet.shutdown()).await;
+    Ok(())
+}
+
+/// `fleet.start_wait`: a `start` that must wait for a primary is a config choice. With the
+/// primary unreachable it fails with `NoPrimary` (saying why) once the wait is over, and
+/// stops what it started; with the primary up it returns once the primary is known, so
+/// the first write needs no wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_wait_waits_for_a_primary_or_fails_typed() -> anyhow::Result<()> {
+    common::trace();
+    let cluster = LocalCluster::shared().await?;
+    let wait = Duration::from_millis(1500);
+    let refused: ServerUrl = with_addr(&cluster.primary().url(), "127.0.0.1:1").parse()?;
+    let config = common::config(cluster, common::FAST, |c| {
+        c.primary.url = refused;
+        c.fleet.start_wait = wait;
+    });
+    let (r, took) = bounded("Fleet::start", Fleet::start(config)).await;
+    match r {
+        Err(e @ Error::NoPrimary { .. }) => {
+            let text = e.to_string();
+            assert!(
+                text.contains("primary:") && text.to_lowercase().contains("refused"),
+                "{text}"
+            );
+            println!("start_wait: {e} after {took:?}");
+        }
+        Err(e) => panic!("expected NoPrimary, got {e:?}"),
+        Ok(f) => panic!("started without a primary:\n{}", f.status()),
+    }
+    assert!(
+        took >= wait && took <= wait + Duration::from_secs(1),
+        "start gave up after {took:?} (start_wait {wait:?})"
+    );
+
+    let config = common::config(cluster, common::FAST, |c| {
+        c.fleet.start_wait = Duration::from_secs(20);
+    });
+    let (fleet, took) = bounded("Fleet::start", Fleet::start(config)).await;
+    let fleet = fleet?;
+    let status = fleet.status();
+    assert!(
+        !status.primary_down
+            && status
+                .servers
+                .iter()
+                .any(|s| s.role == Role::Primary && s.health == Health::Healthy),
+        "start returned after {took:?} without a known primary:\n{status}"
+    );
+    let w = fleet.lease(Intent::Write).await?;
+    assert_eq!(w.role(), Role::Primary);
+    drop(w);
     bounded("shutdown", fleet.shutdown()).await;
     Ok(())
 }

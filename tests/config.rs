@@ -126,6 +126,7 @@ fn minimal_config_fills_every_default() -> anyhow::Result<()> {
     assert_eq!(f.slow_start, Duration::ZERO);
     assert_eq!(f.max_waiters, 1024);
     assert_eq!(f.shutdown_timeout, Duration::from_secs(5));
+    assert_eq!(f.start_wait, Duration::ZERO);
 
     let c = &config.consistency;
     assert_eq!(c.default_read, DefaultRead::Eventual);
