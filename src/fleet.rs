@@ -414,6 +414,7 @@ impl Fleet {
                     restarts: slot.restarts.load(Ordering::Relaxed),
                     last_error: slot.last_error(),
                     probe_latency: v.probe_latency,
+                    suspect: v.suspect,
                 }
             })
             .collect();

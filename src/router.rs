@@ -261,6 +261,7 @@ impl Actor for Router {
                 if let Some(k) = state.servers.get_mut(idx) {
                     k.void_at = Some(now);
                     k.view.fresh = false;
+                    k.view.suspect = true;
                     state.shared.slots[idx].probe_now();
                 }
                 state.publish(now);
@@ -336,6 +337,8 @@ impl RouterState {
                     k.void_at = None;
                 }
                 k.view.fresh = fresh && d.lsn.is_some();
+                // A probe that started before a failed checkout does not clear it.
+                k.view.suspect &= !fresh;
                 k.last_ok = true;
                 if d.in_recovery {
                     k.standby_postmaster = Some(d.postmaster_start_us);
@@ -369,8 +372,10 @@ impl RouterState {
             }
             Err(_) => {
                 k.last_ok = false;
-                // Any connection error voids the cached position.
+                // Any connection error voids the cached position, and new leases avoid
+                // the server until a probe succeeds.
                 k.view.fresh = false;
+                k.view.suspect = true;
                 k.void_at = Some(now);
                 if r.unhealthy {
                     k.view.health = Health::Unhealthy;

@@ -41,7 +41,7 @@ pub struct ServerStatus {
     pub pool_open: usize,
     /// Of those, idle.
     pub pool_idle: usize,
-    /// Leases held now.
+    /// Connections in use: checked out by the leases held now.
     pub in_use: u64,
     /// Leases granted.
     pub leases: u64,
@@ -53,6 +53,9 @@ pub struct ServerStatus {
     pub last_error: Option<String>,
     /// Last probe's round trip.
     pub probe_latency: Option<Duration>,
+    /// The last probe (or a lease's checkout) failed and none has succeeded since: still
+    /// `healthy` until `failure_threshold` probes fail, but out of read rotation.
+    pub suspect: bool,
 }
 
 /// The fleet's state.
@@ -100,7 +103,7 @@ impl fmt::Display for Status {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "{:<12} {:<8} {:<10} {:>14} {:>10} {:>8} {:>3} {:>9} {:>8} {:>8} {:>3}  note",
+            "{:<12} {:<8} {:<10} {:>14} {:>10} {:>8} {:>3} {:>13} {:>8} {:>8} {:>3}  note",
             "server",
             "role",
             "health",
@@ -108,7 +111,7 @@ impl fmt::Display for Status {
             "lag",
             "lag_t",
             "w",
-            "pool",
+            "pool u/i/o/max",
             "leases",
             "fallbk",
             "rst"
@@ -121,7 +124,10 @@ impl fmt::Display for Status {
             if s.role == Role::Replica && !s.streaming {
                 note.push("not streaming".to_string());
             }
-            if s.health != Health::Healthy {
+            if s.suspect && s.health == Health::Healthy {
+                note.push("last probe failed".to_string());
+            }
+            if s.health != Health::Healthy || s.suspect {
                 if let Some(e) = &s.last_error {
                     note.push(e.chars().take(60).collect());
                 }
@@ -133,7 +139,7 @@ impl fmt::Display for Status {
             };
             writeln!(
                 f,
-                "{:<12} {:<8} {:<10} {:>14} {:>10} {:>8} {:>3} {:>9} {:>8} {:>8} {:>3}  {}",
+                "{:<12} {:<8} {:<10} {:>14} {:>10} {:>8} {:>3} {:>13} {:>8} {:>8} {:>3}  {}",
                 s.name,
                 s.role.to_string(),
                 s.health.to_string(),
@@ -141,7 +147,10 @@ impl fmt::Display for Status {
                 opt(&s.lag_bytes),
                 lag_t,
                 s.weight,
-                format!("{}/{}/{}", s.in_use, s.pool_open, s.pool_max),
+                format!(
+                    "{}/{}/{}/{}",
+                    s.in_use, s.pool_idle, s.pool_open, s.pool_max
+                ),
                 s.leases,
                 s.fallbacks,
                 s.restarts,

@@ -72,6 +72,12 @@ pub(crate) struct ServerView {
     /// Whether `lsn` comes from a probe started after the last void event (restart seen
     /// by a lease, connection error). Read-after-write and bounded-staleness reads need it.
     pub(crate) fresh: bool,
+    /// The last probe failed (timed out, connection refused or lost) or a lease's
+    /// checkout on it failed, and no probe has succeeded since: the server is still
+    /// `Healthy` until `failure_threshold`, but new leases go elsewhere when they can,
+    /// so a hung server stops taking leases after one `probe_timeout`, not after
+    /// `failure_threshold` of them.
+    pub(crate) suspect: bool,
     /// WAL received (standby), for display only: never used for routing.
     pub(crate) receive_lsn: Option<Lsn>,
     /// Bytes behind the primary (primary − replica), when both are known.
@@ -105,6 +111,7 @@ impl ServerView {
             health: Health::Starting,
             lsn: None,
             fresh: false,
+            suspect: false,
             receive_lsn: None,
             lag_bytes: None,
             lag: TimeLag::Unknown,
@@ -194,7 +201,7 @@ impl Topology {
         let Some(s) = self.servers.get(i) else {
             return false;
         };
-        if !s.healthy() || s.weight == 0 {
+        if !s.healthy() || s.weight == 0 || s.suspect {
             return false;
         }
         match s.role {
@@ -407,6 +414,35 @@ mod tests {
             counts[i] += 1;
         }
         counts
+    }
+
+    /// A healthy, caught-up, fresh replica at index 1 behind a known primary at 0.
+    fn served_replica() -> Topology {
+        let mut t = Topology::initial(&[0, 1], 1 << 24, Duration::from_secs(5));
+        t.primary = PrimaryState::Known(0);
+        let r = &mut t.servers[1];
+        r.role = Role::Replica;
+        r.health = Health::Healthy;
+        r.lsn = Some(Lsn(100));
+        r.fresh = true;
+        r.timeline = Some(1);
+        r.lag_bytes = Some(0);
+        r.lag = TimeLag::AtMost(Duration::ZERO);
+        t
+    }
+
+    #[test]
+    fn a_suspect_replica_serves_no_read() {
+        let token = Token::new(1, 1, Lsn(50));
+        let needs = [
+            ReadNeed::Eventual,
+            ReadNeed::MaxStaleness(Duration::from_secs(1)),
+            ReadNeed::After(token),
+        ];
+        let mut t = served_replica();
+        assert!(needs.iter().all(|n| t.can_serve(1, n)));
+        t.servers[1].suspect = true;
+        assert!(needs.iter().all(|n| !t.can_serve(1, n)));
     }
 
     #[test]

@@ -1,7 +1,9 @@
-//! A replica that hangs (its network blackholed: no RST, no answer): a query already
-//! running on it fails in bounded time because pgfleet fails every connection of a
-//! server it declares unhealthy; new eventual reads fall back to the primary without
-//! waiting past `lease_timeout`; once the network passes again the replica returns.
+//! A replica that hangs (its network blackholed: no RST, no answer): new leases avoid it
+//! as soon as one probe times out (long before `failure_threshold` probes declare it
+//! unhealthy); a query already running on it fails in bounded time because pgfleet fails
+//! every connection of a server it declares unhealthy; eventual reads fall back to the
+//! primary without waiting past `lease_timeout`; once the network passes again the
+//! replica returns.
 
 mod common;
 
@@ -26,7 +28,8 @@ async fn blackholed_replica_fails_its_queries_and_reads_fall_back_in_time() -> a
     let config = common::config(&cluster, "", |c| {
         c.fleet.probe_interval = Duration::from_millis(50);
         c.fleet.probe_timeout = Duration::from_millis(300);
-        c.fleet.failure_threshold = 2;
+        // Unhealthy only after 5 failed probes (~1.75 s): leases must avoid it well before.
+        c.fleet.failure_threshold = 5;
         c.fleet.lease_timeout = Duration::from_secs(1);
         c.fleet.tcp_user_timeout = Duration::from_secs(2);
         c.fleet.down_after = Duration::from_secs(5);
@@ -72,6 +75,36 @@ async fn blackholed_replica_fails_its_queries_and_reads_fall_back_in_time() -> a
 
     let holed_at = Instant::now();
     cluster.replica(0).proxy().blackhole();
+    // (a') One probe times out: the replica is suspect and new leases go elsewhere,
+    // while it is still `healthy` (failure_threshold not reached).
+    common::wait_for(
+        "replica1's probe to time out",
+        Duration::from_secs(10),
+        || async { fleet.status().server("replica1").is_some_and(|s| s.suspect) },
+    )
+    .await;
+    let suspect_after = holed_at.elapsed();
+    let health_then = health_of(&fleet, "replica1");
+    let suspect_bound =
+        config.fleet.probe_interval + config.fleet.probe_timeout + Duration::from_secs(1);
+    println!("replica1 suspect {suspect_after:?} after the blackhole (health {health_then})");
+    assert!(
+        suspect_after < suspect_bound,
+        "replica1 took {suspect_after:?} to leave rotation (bound {suspect_bound:?})"
+    );
+    let lease_bound = config.fleet.lease_timeout + Duration::from_millis(200);
+    for i in 0..20 {
+        let t = Instant::now();
+        let l = fleet.lease(Intent::Read(Consistency::Eventual)).await?;
+        assert!(
+            t.elapsed() <= lease_bound,
+            "lease {i} took {:?}",
+            t.elapsed()
+        );
+        assert_eq!(l.server(), "primary", "lease {i} while replica1 is suspect");
+        let n: i64 = l.query_one(&count_sql, &[]).await?.get(0);
+        assert_eq!(n, ROWS, "read {i} while replica1 is suspect");
+    }
     let (result, failed_at) = tokio::time::timeout(Duration::from_secs(40), hung).await??;
     let query_failed_after = failed_at - holed_at;
     println!("the running query failed {query_failed_after:?} after the blackhole: {result:?}");
@@ -98,7 +131,6 @@ async fn blackholed_replica_fails_its_queries_and_reads_fall_back_in_time() -> a
         "replica1 out of rotation {:?} after the blackhole",
         holed_at.elapsed()
     );
-    let lease_bound = config.fleet.lease_timeout + Duration::from_millis(200);
     let mut slowest = Duration::ZERO;
     for i in 0..50 {
         let t = Instant::now();
