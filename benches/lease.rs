@@ -85,7 +85,7 @@ fn lease_overhead(c: &mut Criterion) {
     });
     g.bench_function("router_message", |b| {
         b.to_async(&rt).iter(|| async {
-            let router = fleet.router().expect("router");
+            let router = fleet.router().await.expect("router");
             let lease = pgfleet::ractor::call!(
                 router,
                 pgfleet::RouterMsg::Lease,

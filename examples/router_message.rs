@@ -2,7 +2,8 @@
 //!
 //! `fleet.router()` returns the current router; `ractor::call!` with `RouterMsg::Lease`
 //! gets exactly the decision `fleet.lease` makes. When the router is restarted (here on
-//! purpose), the old reference stops answering: resolve `fleet.router()` again.
+//! purpose), the old reference stops answering: resolve `fleet.router()` again (it
+//! waits while the new router starts).
 
 use std::time::Duration;
 
@@ -19,31 +20,36 @@ async fn main() -> anyhow::Result<()> {
         "fleet not ready"
     );
 
-    let router = fleet.router()?;
+    let router = fleet.router().await?;
     let lease = call!(router, RouterMsg::Lease, Intent::read())??;
     println!("router leased {} (role {})", lease.server(), lease.role());
     drop(lease);
 
-    // Simulate a router crash: the supervisor starts a new one at once.
+    // Simulate a router crash: the supervisor starts a new one at once (with backoff
+    // if it kept failing). Leases that need no wait keep being decided meanwhile.
     fleet.debug_fail_router();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let new_router = loop {
+        // `fleet.router()` waits while no router runs; poll until it is the new one.
+        let r = fleet.router().await?;
+        if r.get_id() != router.get_id() {
+            break r;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "no new router within 10 s"
+        );
+        tokio::task::yield_now().await;
+    };
+    // The old reference is dead now: its calls fail at once, they never hang.
     let stale = call!(router, RouterMsg::Lease, Intent::read());
     println!(
         "old router ref after the restart: {}",
-        if stale.is_err() {
-            "gone (resolve again)"
-        } else {
-            "answered"
+        match stale {
+            Err(e) => format!("fails ({e}): resolve fleet.router() again"),
+            Ok(_) => "answered (unexpected)".to_string(),
         }
     );
-
-    let new_router = loop {
-        if let Ok(r) = fleet.router() {
-            if r.get_id() != router.get_id() {
-                break r;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
     let lease = call!(new_router, RouterMsg::Lease, Intent::Write)??;
     println!("new router leased {} for a write", lease.server());
     drop(lease);

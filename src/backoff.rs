@@ -27,6 +27,12 @@ impl Backoff {
         self.attempts = self.attempts.saturating_add(1);
         delay
     }
+
+    /// Restarts in a row so far (the one just scheduled included); 1 right after a
+    /// stable period.
+    pub(crate) fn in_a_row(&self) -> u32 {
+        self.attempts
+    }
 }
 
 /// The delay before restart number `attempt` (0-based) of a failed server actor.

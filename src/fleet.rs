@@ -355,22 +355,38 @@ impl Fleet {
     }
 
     /// The current router actor. It changes when the supervisor restarts the router, so
-    /// resolve it again after a send fails.
+    /// resolve it again after a send fails. Between a router's death and its
+    /// replacement this waits for the new one (at most `lease_timeout`).
     ///
     /// # Errors
     ///
-    /// [`Error::ShuttingDown`] once the fleet is stopping; [`Error::Internal`] in the
-    /// moment between a router's death and its replacement.
-    pub fn router(&self) -> Result<ActorRef<RouterMsg>, Error> {
-        let shared = self.shared();
-        if shared.is_shutting_down() {
-            return Err(Error::ShuttingDown);
+    /// [`Error::ShuttingDown`] once the fleet is stopping; [`Error::Timeout`] if no
+    /// router is running within `lease_timeout` (the supervisor keeps restarting a
+    /// failing router with backoff).
+    pub async fn router(&self) -> Result<ActorRef<RouterMsg>, Error> {
+        let started = Instant::now();
+        let deadline = started + self.shared().config.fleet.lease_timeout;
+        loop {
+            // Again each round: a reload may have replaced the generation.
+            let shared = self.shared();
+            let notified = shared.changed.notified();
+            if shared.is_shutting_down() {
+                return Err(Error::ShuttingDown);
+            }
+            if let Some(r) = shared.router.load_full() {
+                return Ok((*r).clone());
+            }
+            if tokio::time::timeout_at(deadline.into(), notified)
+                .await
+                .is_err()
+            {
+                return Err(Error::Timeout {
+                    server: "router".into(),
+                    what: "the router actor to restart",
+                    after: started.elapsed(),
+                });
+            }
         }
-        shared
-            .router
-            .load_full()
-            .map(|r| (*r).clone())
-            .ok_or_else(|| Error::Internal("router restarting".into()))
     }
 
     /// A snapshot of every server's state, with a `Display` table.

@@ -27,14 +27,16 @@ const TARGET: &str = "pgfleet::router";
 /// ```no_run
 /// # async fn f(fleet: pgfleet::Fleet) -> Result<(), Box<dyn std::error::Error>> {
 /// use pgfleet::{ractor::call, Intent, RouterMsg};
-/// let router = fleet.router()?;                       // the current router
+/// let router = fleet.router().await?;                 // the current router
 /// let lease = call!(router, RouterMsg::Lease, Intent::read())??;
 /// # drop(lease); Ok(()) }
 /// ```
 ///
-/// The router is restarted by the supervisor if it fails; a reference to the old one
-/// then fails its calls (never hangs), and `fleet.router()` returns the new one. A lease
-/// waiting at the old router for a replica to catch up is retried at the new one.
+/// The router is restarted by the supervisor if it fails (at once the first time, with
+/// backoff if it keeps failing); a reference to the old one then fails its calls (never
+/// hangs), and `fleet.router()` returns the new one, waiting for it while it starts. A
+/// lease waiting at the old router for a replica to catch up is retried at the new one;
+/// leases that need no wait are decided from the last published snapshot meanwhile.
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum RouterMsg {
@@ -217,6 +219,8 @@ impl Actor for Router {
             expire_at: None,
         };
         shared.router.store(Some(Arc::new(myself)));
+        // Wakes `fleet.router()` and read-your-writes leases waiting for a router.
+        shared.changed.notify_waiters();
         Ok(state)
     }
 

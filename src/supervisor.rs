@@ -68,7 +68,9 @@ impl Child {
 struct Cluster {
     shared: Arc<Shared>,
     servers: Vec<Child>,
-    router: Option<ActorCell>,
+    /// The router: restarted at once after its first failure (waiting reads need it),
+    /// with backoff if it keeps failing.
+    router: Child,
     /// The LISTEN/NOTIFY listener (restarted with backoff, like a server).
     listener: Child,
 }
@@ -148,14 +150,13 @@ impl Actor for Supervisor {
                     .await
                 {
                     Ok((r, _)) => {
-                        cluster.router = Some(r.get_cell());
+                        cluster.router.cell = Some(r.get_cell());
+                        cluster.router.started = Instant::now();
                         crate::metrics::actor_restarted(&cluster.shared.cluster, "router");
                     }
                     Err(e) => {
                         tracing::error!(target: TARGET, error = %e, "router restart failed; retrying");
-                        myself.send_after(Duration::from_millis(100), move || {
-                            SupervisorMsg::RestartRouter(c)
-                        });
+                        schedule_router_restart(&myself, cluster, c);
                     }
                 }
             }
@@ -186,7 +187,7 @@ impl Actor for Supervisor {
                     };
                     let mut fresh = spawn_cluster(&myself, shared).await?;
                     std::mem::swap(slot, &mut fresh);
-                    replaced.extend(fresh.router.take());
+                    replaced.extend(fresh.router.cell.take());
                     replaced.extend(fresh.listener.cell.take());
                     replaced.extend(fresh.servers.iter_mut().filter_map(|s| s.cell.take()));
                 }
@@ -195,7 +196,7 @@ impl Actor for Supervisor {
             SupervisorMsg::Shutdown => {
                 state.stopping = true;
                 for cluster in &mut state.clusters {
-                    if let Some(r) = cluster.router.take() {
+                    if let Some(r) = cluster.router.cell.take() {
                         r.stop(None);
                     }
                     if let Some(l) = cluster.listener.cell.take() {
@@ -234,12 +235,12 @@ impl Actor for Supervisor {
         }
         let id = cell.get_id();
         for (c, cluster) in state.clusters.iter_mut().enumerate() {
-            if cluster.router.as_ref().is_some_and(|r| r.get_id() == id) {
+            if cluster.router.is(id) {
                 tracing::error!(target: TARGET, reason = %why, "router ended; restarting it");
-                cluster.router = None;
+                cluster.router.cell = None;
                 // ractor runs no post_stop for a failed actor.
                 cluster.shared.retire_router(id);
-                let _ = myself.cast(SupervisorMsg::RestartRouter(c));
+                schedule_router_restart(&myself, cluster, c);
                 return Ok(());
             }
             if cluster.listener.is(id) {
@@ -297,7 +298,7 @@ async fn spawn_cluster(
     Ok(Cluster {
         shared,
         servers,
-        router: Some(router.get_cell()),
+        router: Child::new(router.get_cell()),
         listener: Child::new(listener.get_cell()),
     })
 }
@@ -305,6 +306,17 @@ async fn spawn_cluster(
 fn schedule_restart(myself: &ActorRef<SupervisorMsg>, cluster: &mut Cluster, c: usize, idx: usize) {
     let delay = cluster.servers[idx].restart_delay(&cluster.shared.config.fleet.restart);
     myself.send_after(delay, move || SupervisorMsg::RestartServer(c, idx));
+}
+
+fn schedule_router_restart(myself: &ActorRef<SupervisorMsg>, cluster: &mut Cluster, c: usize) {
+    let delay = cluster
+        .router
+        .restart_delay(&cluster.shared.config.fleet.restart);
+    if cluster.router.backoff.in_a_row() <= 1 {
+        let _ = myself.cast(SupervisorMsg::RestartRouter(c));
+    } else {
+        myself.send_after(delay, move || SupervisorMsg::RestartRouter(c));
+    }
 }
 
 fn schedule_listener_restart(myself: &ActorRef<SupervisorMsg>, cluster: &mut Cluster, c: usize) {

@@ -179,7 +179,7 @@ async fn forged_tokens_get_typed_errors_or_safe_reads() -> anyhow::Result<()> {
             Err(TokenError::AheadOfPrimary { .. })
         ));
         // The router actor decides the same.
-        let router = fleet.router()?;
+        let router = fleet.router().await?;
         let (r, _) = bounded("the router's answer", async {
             call!(router, RouterMsg::Lease, Intent::read_after(&ahead))
         })
@@ -258,7 +258,7 @@ async fn forged_tokens_get_typed_errors_or_safe_reads() -> anyhow::Result<()> {
         other => panic!("a read after {future_tl}: {other:?}"),
     }
     assert!(took <= bound, "took {took:?}");
-    let router = fleet.router()?;
+    let router = fleet.router().await?;
     let (r, _) = bounded("the router's answer", async {
         call!(router, RouterMsg::Lease, Intent::read_after(&future_tl))
     })

@@ -108,7 +108,7 @@ async fn shutdown_with_leases_out_gives_up_after_its_timeout() -> anyhow::Result
     assert!(is_shutting_down(
         &fleet.session().lease(Intent::read()).await
     ));
-    assert!(matches!(fleet.router(), Err(Error::ShuttingDown)));
+    assert!(matches!(fleet.router().await, Err(Error::ShuttingDown)));
 
     // Returning the old leases afterwards is harmless.
     drop(w);
@@ -146,7 +146,7 @@ async fn idle_shutdown_is_quick() -> anyhow::Result<()> {
     let one: i32 = r.query_one("SELECT 1", &[]).await?.get(0);
     assert_eq!(one, 1);
     drop(r);
-    let router = fleet.router()?;
+    let router = fleet.router().await?;
 
     let started = Instant::now();
     let left = fleet.shutdown().await;
@@ -157,7 +157,7 @@ async fn idle_shutdown_is_quick() -> anyhow::Result<()> {
         took < Duration::from_secs(2),
         "nothing to wait for, took {took:?} (shutdown_timeout is 5s)"
     );
-    assert!(matches!(fleet.router(), Err(Error::ShuttingDown)));
+    assert!(matches!(fleet.router().await, Err(Error::ShuttingDown)));
     assert!(is_shutting_down(&fleet.lease(Intent::Write).await));
     // The router actor itself is gone: a message to it fails instead of hanging.
     let call = tokio::time::timeout(Duration::from_secs(2), async {
