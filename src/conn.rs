@@ -717,7 +717,9 @@ pub(crate) async fn connect_with_messages(
             )
             .await
             .map_err(|e| ConnectError::FirstQuery(describe(&e)))?;
-        let postmaster_start_us: i64 = row.get(0);
+        let postmaster_start_us: i64 = row
+            .try_get(0)
+            .map_err(|e| ConnectError::FirstQuery(describe(&e)))?;
         Ok((
             PgConn {
                 client: Box::new(client),
@@ -917,7 +919,8 @@ pub async fn check_server(config: &Config, server: &str) -> Result<bool, Error> 
     .await
     .map_err(|_| failed(ConnectError::Timeout(config.fleet.probe_timeout)))?
     .map_err(|e| failed(ConnectError::FirstQuery(describe(&e))))?;
-    Ok(row.get(0))
+    row.try_get(0)
+        .map_err(|e| failed(ConnectError::FirstQuery(describe(&e))))
 }
 
 #[cfg(test)]

@@ -285,8 +285,21 @@ impl Error {
 
     /// Classifies a driver error from a query run on `server`: recovery conflicts,
     /// `SERIALIZABLE` on a standby and read-only refusals get their own variants.
+    ///
+    /// Without the server's role, a recovery conflict is told from a plain
+    /// serialization failure by its message, which depends on the server's
+    /// `lc_messages`; [`Lease::error`](crate::Lease::error) knows the role and does not
+    /// need the message.
     pub fn from_postgres(server: impl Into<String>, source: tokio_postgres::Error) -> Error {
-        let server = server.into();
+        Error::classify(server.into(), None, source)
+    }
+
+    /// As [`Error::from_postgres`], for a query run on a server in `role`.
+    pub(crate) fn classify(
+        server: String,
+        role: Option<crate::Role>,
+        source: tokio_postgres::Error,
+    ) -> Error {
         let Some(db) = source.as_db_error() else {
             return Error::Postgres { server, source };
         };
@@ -295,9 +308,15 @@ impl Error {
         if code == READ_ONLY_SQL_TRANSACTION {
             return Error::ReadOnly { server, source };
         }
-        // Recovery conflicts are reported as 40001 (or 40P01 for buffer-pin deadlocks)
-        // with this wording; a plain serialization failure on the primary is not one.
-        if (code == "40001" || code == "40P01") && message.contains("conflict with recovery") {
+        // Recovery conflicts are reported as 40001 (or 40P01 for buffer-pin deadlocks).
+        // A standby runs no writes, so there these codes mean nothing else; elsewhere
+        // (role unknown) the English wording tells them from a plain serialization
+        // failure. 57P04 is the conflict with a dropped database.
+        let conflict_code = code == "40001" || code == "40P01";
+        let on_standby = role == Some(crate::Role::Replica);
+        if (conflict_code && (on_standby || message.contains("conflict with recovery")))
+            || (on_standby && code == "57P04")
+        {
             return Error::RecoveryConflict { server, source };
         }
         if code == "0A000" && message.contains("serializable") && message.contains("hot standby") {

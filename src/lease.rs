@@ -126,7 +126,7 @@ impl Lease {
     /// Classifies an error from a query run on this lease (recovery conflicts, read-only
     /// refusals, `SERIALIZABLE` on a standby get their own variants).
     pub fn error(&self, e: tokio_postgres::Error) -> Error {
-        Error::from_postgres(self.server(), e)
+        Error::classify(self.server().to_owned(), Some(self.role()), e)
     }
 
     /// The position of everything this connection has committed so far: take it after

@@ -837,7 +837,7 @@ async fn command_task(
                 let q = client.query("SELECT pg_listening_channels()", &[]);
                 match tokio::time::timeout(timeout, q).await {
                     Ok(Ok(rows)) => {
-                        let _ = reply.send(rows.iter().map(|r| r.get(0)).collect());
+                        let _ = reply.send(rows.iter().filter_map(|r| r.try_get(0).ok()).collect());
                         None
                     }
                     Ok(Err(e)) => Some(format!("pg_listening_channels: {}", describe(&e))),

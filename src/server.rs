@@ -306,7 +306,10 @@ async fn open_probe_conn(shared: &Shared, idx: usize) -> Result<ProbeConn, Strin
         .map_err(|e| e.to_string())?;
     let setup = async {
         let row = conn.client.query_one(SIZES_SQL, &[]).await?;
-        let sizes = (row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64);
+        let sizes = (
+            row.try_get::<_, i64>(0)? as u64,
+            row.try_get::<_, i64>(1)? as u64,
+        );
         let stmt = conn.client.prepare(PROBE_SQL).await?;
         Ok::<_, tokio_postgres::Error>((sizes, stmt))
     };
