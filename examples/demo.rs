@@ -27,6 +27,7 @@ const RUN_FOR: Duration = Duration::from_secs(20);
 /// What the workload saw.
 #[derive(Default)]
 struct Tally {
+    /// Leases granted (failed attempts are counted in `errors`).
     leases: AtomicU64,
     writes: AtomicU64,
     ryw_reads: AtomicU64,
@@ -214,6 +215,7 @@ async fn writer(fleet: Fleet, id: i32, tally: Arc<Tally>, stop: Arc<AtomicBool>)
     while !stop.load(Ordering::Acquire) {
         let written = async {
             let mut w = fleet.lease(Intent::Write).await?;
+            tally.leases.fetch_add(1, Ordering::Relaxed);
             let row = w
                 .query_one(
                     "UPDATE pgfleet_demo SET v = v + 1 WHERE k = $1 RETURNING v",
@@ -225,7 +227,6 @@ async fn writer(fleet: Fleet, id: i32, tally: Arc<Tally>, stop: Arc<AtomicBool>)
             Ok::<_, pgfleet::Error>((row.get::<_, i64>(0), token))
         }
         .await;
-        tally.leases.fetch_add(1, Ordering::Relaxed);
         let (v, token) = match written {
             Ok(x) => x,
             Err(e) => {
@@ -236,6 +237,7 @@ async fn writer(fleet: Fleet, id: i32, tally: Arc<Tally>, stop: Arc<AtomicBool>)
         tally.writes.fetch_add(1, Ordering::Relaxed);
         let read = async {
             let r = fleet.lease(Intent::read_after(&token)).await?;
+            tally.leases.fetch_add(1, Ordering::Relaxed);
             let row = r
                 .query_one("SELECT v FROM pgfleet_demo WHERE k = $1", &[&id])
                 .await
@@ -243,7 +245,6 @@ async fn writer(fleet: Fleet, id: i32, tally: Arc<Tally>, stop: Arc<AtomicBool>)
             Ok::<_, pgfleet::Error>((row.get::<_, i64>(0), r.role(), r.is_fallback()))
         }
         .await;
-        tally.leases.fetch_add(1, Ordering::Relaxed);
         match read {
             Ok((seen, role, fallback)) => {
                 tally.ryw_reads.fetch_add(1, Ordering::Relaxed);
@@ -271,6 +272,7 @@ async fn session_reader(fleet: Fleet, tally: Arc<Tally>, stop: Arc<AtomicBool>) 
         let k = fastrand::i32(0..WRITERS);
         let read = async {
             let r = session.lease(Intent::read()).await?;
+            tally.leases.fetch_add(1, Ordering::Relaxed);
             let row = r
                 .query_one("SELECT v FROM pgfleet_demo WHERE k = $1", &[&k])
                 .await
@@ -278,7 +280,6 @@ async fn session_reader(fleet: Fleet, tally: Arc<Tally>, stop: Arc<AtomicBool>) 
             Ok::<_, pgfleet::Error>((row.get::<_, i64>(0), r.is_fallback()))
         }
         .await;
-        tally.leases.fetch_add(1, Ordering::Relaxed);
         match read {
             Ok((v, fallback)) => {
                 if fallback {
@@ -301,13 +302,13 @@ async fn eventual_reader(fleet: Fleet, tally: Arc<Tally>, stop: Arc<AtomicBool>)
     while !stop.load(Ordering::Acquire) {
         let read = async {
             let r = fleet.lease(Intent::Read(Consistency::Eventual)).await?;
+            tally.leases.fetch_add(1, Ordering::Relaxed);
             r.query_one("SELECT sum(v) FROM pgfleet_demo", &[])
                 .await
                 .map_err(|e| r.error(e))?;
             Ok::<_, pgfleet::Error>(r.is_fallback())
         }
         .await;
-        tally.leases.fetch_add(1, Ordering::Relaxed);
         match read {
             Ok(true) => {
                 tally.fallbacks.fetch_add(1, Ordering::Relaxed);
