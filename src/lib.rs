@@ -3,6 +3,40 @@
 //! healthy replicas by weight, and a read that must see an earlier write goes to a
 //! replica only once it has *replayed* that write.
 //!
+//! # Layout
+//!
+//! The crate's modules (their public types are re-exported at the root):
+//!
+//! - `config`: [`Config`] from TOML, validation, secrets kept out of `Debug`.
+//! - `lsn`: [`Lsn`], the WAL position type (`pg_lsn`).
+//! - `token`: [`Token`], a write's (system id, timeline, LSN), with a stable text form.
+//! - `topology`: the published snapshot and the pure selection strategies.
+//! - `lag`: time lag from primary position history, replay rates.
+//! - `backoff`: restart delays.
+//! - `conn`: connecting under one timeout, socket options, the transaction-state sniffer,
+//!   and the deadpool manager; [`check_server`].
+//! - `tls` (feature `tls`): rustls under the sniffer, certificate verification by
+//!   `sslmode`, typed [`TlsError`]s.
+//! - `server`: the server actor (pool owner, prober).
+//! - `router`: the router actor (topology writer, read-your-writes waits).
+//! - `supervisor`: one for every cluster's actors; restarts failed ones with backoff.
+//! - `fleet`: [`Fleet`], the handle (one per cluster), and the lease decision.
+//! - `reload`: [`Fleet::reload`], a new configuration without a restart.
+//! - `metrics`: the `metrics` feature's handles (no-ops without it).
+//! - `lease`: [`Lease`], [`Intent`], [`Consistency`].
+//! - `session`: [`Session`].
+//! - `verify`: [`Fleet::verify_token`], a token judged against a fresh primary position.
+//! - `http`: read-your-writes across HTTP requests: [`HttpConfig`] (the `[http]` table,
+//!   every build) and, with the feature `axum`, `SessionLayer` (a tower layer carrying
+//!   the session token, HMAC-signed, in a cookie or header) and `TokenSigner`.
+//! - `listener`: the LISTEN/NOTIFY listener actor, [`Subscription`], [`ListenEvent`],
+//!   [`Notification`].
+//! - `status`: [`Status`].
+//! - `error`: [`Error`].
+//!
+//!
+//! # Example
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), pgfleet::Error> {
 //! use pgfleet::{Config, Fleet, Intent};
@@ -45,35 +79,6 @@
 //! `axum` (the `SessionLayer`: read-your-writes across HTTP requests with signed
 //! tokens), `metrics` (counters, gauges and histograms through the `metrics` facade),
 //! `cli` (the `pgfleet` binary). The README documents each.
-//!
-//! # Layout
-//!
-//! - `config`: [`Config`] from TOML, validation, secrets kept out of `Debug`.
-//! - `lsn`: [`Lsn`], the WAL position type (`pg_lsn`).
-//! - `token`: [`Token`], a write's (system id, timeline, LSN), with a stable text form.
-//! - `topology`: the published snapshot and the pure selection strategies.
-//! - `lag`: time lag from primary position history, replay rates.
-//! - `backoff`: restart delays.
-//! - `conn`: connecting under one timeout, socket options, the transaction-state sniffer,
-//!   and the deadpool manager; [`check_server`].
-//! - `tls` (feature `tls`): rustls under the sniffer, certificate verification by
-//!   `sslmode`, typed [`TlsError`]s.
-//! - `server`: the server actor (pool owner, prober).
-//! - `router`: the router actor (topology writer, read-your-writes waits).
-//! - `supervisor`: one for every cluster's actors; restarts failed ones with backoff.
-//! - `fleet`: [`Fleet`], the handle (one per cluster), and the lease decision.
-//! - `reload`: [`Fleet::reload`], a new configuration without a restart.
-//! - `metrics`: the `metrics` feature's handles (no-ops without it).
-//! - `lease`: [`Lease`], [`Intent`], [`Consistency`].
-//! - `session`: [`Session`].
-//! - `verify`: [`Fleet::verify_token`], a token judged against a fresh primary position.
-//! - `http`: read-your-writes across HTTP requests: [`HttpConfig`] (the `[http]` table,
-//!   every build) and, with the feature `axum`, `SessionLayer` (a tower layer carrying
-//!   the session token, HMAC-signed, in a cookie or header) and `TokenSigner`.
-//! - `listener`: the LISTEN/NOTIFY listener actor, [`Subscription`], [`ListenEvent`],
-//!   [`Notification`].
-//! - `status`: [`Status`].
-//! - `error`: [`Error`].
 //!
 //! # The actor tree
 //!
