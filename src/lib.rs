@@ -34,7 +34,6 @@
 //! - `status`: [`Status`].
 //! - `error`: [`Error`].
 //!
-//!
 //! # Example
 //!
 //! ```no_run
