@@ -263,6 +263,50 @@ async fn status_prints_table_of_cluster() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_connect_reaches_every_server_or_names_the_failure() -> Result<()> {
+    let cluster = LocalCluster::shared().await?;
+    let toml = cluster.pgfleet_toml();
+    let file = TempFile::new(&toml)?;
+    let path = file.path().to_str().context("temp path is UTF-8")?;
+    let (out, stdout, stderr) = run(&["check", path, "--connect"], &[]).await?;
+    ensure!(
+        out.status.success(),
+        "exit {:?}; stdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    for name in ["primary", "replica1", "replica2"] {
+        let line = format!("# default/{name}: ok (no TLS)");
+        ensure!(stdout.contains(&line), "no {line:?} in:\n{stdout}");
+    }
+
+    // replica2 refused (nothing listens on port 1): exit 1, the failure named.
+    let replica2 = cluster.replica(1).url();
+    let port = format!(":{}/", cluster.replica(1).proxy_port());
+    ensure!(replica2.contains(&port), "{replica2} has {port}");
+    let broken = toml.replace(&replica2, &replica2.replace(&port, ":1/"));
+    ensure!(broken != toml, "the replica2 URL was replaced");
+    let file = TempFile::new(&broken)?;
+    let path = file.path().to_str().context("temp path is UTF-8")?;
+    let (out, stdout, stderr) = run(&["check", path, "--connect"], &[]).await?;
+    ensure!(
+        out.status.code() == Some(1),
+        "exit {:?}; stdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    ensure!(stdout.contains("# default/primary: ok"), "{stdout}");
+    let failed = stdout
+        .lines()
+        .find(|l| l.starts_with("# default/replica2: FAILED"))
+        .with_context(|| format!("no replica2 failure in:\n{stdout}"))?;
+    ensure!(failed.to_lowercase().contains("refused"), "{failed}");
+    let password = url_password(&cluster.primary().url())
+        .context("testkit URL has a password")?
+        .to_owned();
+    ensure!(!stdout.contains(&password) && !stderr.contains(&password));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_not_ready_prints_table_and_exits_1() -> Result<()> {
     // Nothing listens on port 1: every probe fails, no primary is ever known.
     let file = TempFile::new(

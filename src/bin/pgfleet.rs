@@ -1,14 +1,16 @@
 //! `pgfleet`: check a pgfleet configuration, or watch a fleet's status.
 //!
 //! ```text
-//! pgfleet check CONFIG                  validate CONFIG, print the effective settings
+//! pgfleet check CONFIG [--connect]      validate CONFIG, print the effective settings
+//!                                        (--connect: also connect to every server)
 //! pgfleet status CONFIG [--watch]       start a fleet, print its status table
 //!                                        (--watch: SIGHUP reloads CONFIG)
 //! ```
 //!
 //! Exit codes: `0` success; `1` the fleet did not become ready in time (the
-//! status table is printed anyway) or it could not start; `2` the
-//! configuration is unreadable or invalid, or the command line is wrong.
+//! status table is printed anyway) or it could not start, or `check --connect`
+//! could not connect to a server; `2` the configuration is unreadable or
+//! invalid, or the command line is wrong.
 //!
 //! Logs go to stderr, filtered by `RUST_LOG` (default `warn`).
 
@@ -24,7 +26,8 @@ use tracing_subscriber::EnvFilter;
 /// Exit code of a configuration that cannot be read or is invalid (clap uses
 /// the same code for a bad command line).
 const EXIT_CONFIG: u8 = 2;
-/// Exit code of a fleet that did not become ready, or could not start.
+/// Exit code of a fleet that did not become ready, or could not start, or of a
+/// `check --connect` that could not reach a server.
 const EXIT_NOT_READY: u8 = 1;
 /// Time between two tables of `status --watch`.
 const WATCH_EVERY: Duration = Duration::from_secs(1);
@@ -51,6 +54,11 @@ enum Command {
     Check {
         /// The TOML config file.
         config: PathBuf,
+        /// Also open one connection to every server of every cluster, the way
+        /// the pools do (connect_timeout, TLS as configured, authentication),
+        /// and print what failed; exits with status 1 if any server fails.
+        #[arg(long)]
+        connect: bool,
     },
     /// Start a fleet and print its status table.
     ///
@@ -87,7 +95,7 @@ async fn main() -> ExitCode {
         .with_writer(io::stderr)
         .init();
     match cli.command {
-        Command::Check { config } => check(&config),
+        Command::Check { config, connect } => check(&config, connect).await,
         Command::Status {
             config,
             watch,
@@ -106,7 +114,7 @@ fn load(path: &Path) -> Result<Config, ExitCode> {
 }
 
 /// `pgfleet check`.
-fn check(path: &Path) -> ExitCode {
+async fn check(path: &Path, connect: bool) -> ExitCode {
     let config = match load(path) {
         Ok(config) => config,
         Err(code) => return code,
@@ -123,10 +131,46 @@ fn check(path: &Path) -> ExitCode {
         "# {}: valid. Effective settings, defaults filled in, passwords shown as ***.\n\n{toml}",
         path.display()
     );
-    match emit(&out) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(_) => ExitCode::FAILURE,
+    if emit(&out).is_err() {
+        return ExitCode::FAILURE;
     }
+    if !connect {
+        return ExitCode::SUCCESS;
+    }
+    let mut failed = 0;
+    let mut lines = String::from("\n# connections\n");
+    for cluster in cluster_names(&config) {
+        let Some(one) = config.cluster(cluster) else {
+            continue;
+        };
+        let names = std::iter::once(one.primary.name.as_str())
+            .chain(one.replicas.iter().map(|r| r.name.as_str()));
+        for server in names {
+            // Errors name the server and what failed; never a password.
+            let result = match pgfleet::check_server(&one, server).await {
+                Ok(true) => "ok (TLS)".to_owned(),
+                Ok(false) => "ok (no TLS)".to_owned(),
+                Err(e) => {
+                    failed += 1;
+                    format!("FAILED: {e}")
+                }
+            };
+            lines.push_str(&format!("# {cluster}/{server}: {result}\n"));
+        }
+    }
+    if emit(&lines).is_err() {
+        return ExitCode::FAILURE;
+    }
+    if failed > 0 {
+        eprintln!("error: {failed} server(s) could not be reached");
+        return ExitCode::from(EXIT_NOT_READY);
+    }
+    ExitCode::SUCCESS
+}
+
+/// Every cluster's name: the top-level one first, then `[clusters.NAME]` in order.
+fn cluster_names(config: &Config) -> impl Iterator<Item = &str> {
+    std::iter::once(pgfleet::DEFAULT_CLUSTER).chain(config.clusters.keys().map(String::as_str))
 }
 
 /// `pgfleet status`.
