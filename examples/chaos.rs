@@ -2,9 +2,9 @@
 //! (primary + 2 replicas) with the checker's workload running through the fault.
 //!
 //! `cargo run --release --example chaos` runs them all (about 2 minutes) and prints one
-//! row per scenario: leases, writes acknowledged, writes lost, stale reads, hung leases,
-//! the longest lease wait, the time to leave rotation and to serve again, and errors by
-//! kind. Its last line is `chaos: lost writes N, stale reads N, hung leases N`; it exits
+//! row per scenario: leases (in all, and per server: primary/replica1/replica2), writes
+//! acknowledged, writes lost, stale reads, hung leases, the longest lease wait, the time to
+//! leave rotation and to serve again, and errors by kind. Its last line is `chaos: lost writes N, stale reads N, hung leases N`; it exits
 //! non-zero if any of them is not 0 or a scenario's own check failed.
 //!
 //! `cargo run --release --example chaos -- replica_kill9 primary_restart` runs only the

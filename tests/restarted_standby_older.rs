@@ -3,8 +3,16 @@
 //! failure is detected (probing is slow here on purpose). It must serve no
 //! read-after-token read before a fresh probe of its new incarnation: every such read
 //! sees the whole bulk write, whichever server serves it.
+//!
+//! The iterations that first let the fleet see the replica past the token force the
+//! hazard (`examples/chaos/older.rs`: recovery writes no page, and an apply delay set
+//! before the kill holds the bulk commit back after the restart) and assert that it
+//! happened: the replica's replay right after its start is below the token.
 
 mod common;
+
+#[path = "../examples/chaos/older.rs"]
+mod older;
 
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
@@ -16,6 +24,9 @@ use pgfleet_testkit::LocalCluster;
 const BULK: i64 = 50_000;
 const ITERATIONS: usize = 3;
 const READ_FOR: Duration = Duration::from_secs(3);
+/// How long after the kill a held replay keeps the replica below the token at most; it is
+/// released after the reads.
+const HOLD: Duration = Duration::from_secs(30);
 
 /// The router's view of replica1 covers `token` (healthy and at or past it).
 fn replica_covers(fleet: &Fleet, token: &Token) -> bool {
@@ -28,7 +39,9 @@ fn replica_covers(fleet: &Fleet, token: &Token) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarted_standby_serves_no_stale_read_after_token() -> anyhow::Result<()> {
     common::trace();
-    let cluster = LocalCluster::builder().replicas(1).start().await?;
+    let cluster = older::keep_consistency_early(LocalCluster::builder().replicas(1))
+        .start()
+        .await?;
     let config = common::config(&cluster, common::FAST, |c| {
         // Failure detection far slower than a kill -9 and restart.
         c.fleet.probe_interval = Duration::from_secs(1);
@@ -55,12 +68,14 @@ async fn restarted_standby_serves_no_stale_read_after_token() -> anyhow::Result<
         )
         .await?;
         let token = w.commit_token().await?;
+        let committed_at = Instant::now();
         drop(w);
         expected += BULK;
         // Odd iterations first let the fleet see the replica at the token, so the
         // cached position of the old incarnation would let it serve the token: only
         // noticing the restart (postmaster start time) keeps the reads safe.
         let cached = iteration % 2 == 1;
+        let mut held = None;
         if cached {
             common::wait_for(
                 "the fleet to see replica1 past the token",
@@ -68,6 +83,7 @@ async fn restarted_standby_serves_no_stale_read_after_token() -> anyhow::Result<
                 || async { replica_covers(&fleet, &token) },
             )
             .await;
+            held = Some(older::hold_replay(&cluster, replica, committed_at, HOLD).await?);
         }
         let before_kill = Instant::now();
         cluster.kill9(replica).await?;
@@ -78,16 +94,9 @@ async fn restarted_standby_serves_no_stale_read_after_token() -> anyhow::Result<
         let restart = async {
             cluster.start(replica).await?;
             started.get_or_init(Instant::now);
-            // For the report only: was the new incarnation older than the token when it
-            // started accepting connections? (A race; it is not asserted.)
-            let su = cluster.superuser_client(replica).await?;
-            let row = su
-                .query_one(
-                    "SELECT pg_last_wal_replay_lsn()::text, pg_last_wal_replay_lsn() < $1::text::pg_lsn",
-                    &[&token.lsn().to_string()],
-                )
-                .await?;
-            anyhow::Ok((row.get::<_, String>(0), row.get::<_, bool>(1)))
+            // Was the new incarnation older than the token when it started accepting
+            // connections? (Asserted where forced, below.)
+            older::replay_at_start(&cluster, replica, &token).await
         };
         let read = async {
             let mut served = BTreeMap::<String, usize>::new();
@@ -123,20 +132,33 @@ async fn restarted_standby_serves_no_stale_read_after_token() -> anyhow::Result<
             }
             (served, reads, first_on_replica)
         };
-        let (older_at_start, (served, reads, first_on_replica)) = tokio::join!(restart, read);
-        let older_at_start = older_at_start?;
+        let (restarted, (served, reads, first_on_replica)) = tokio::join!(restart, read);
+        let (su, replay) = restarted?;
+        let replay_end = older::replay_lsn(&su).await?;
+        if held.is_some() {
+            older::release_replay(&cluster, replica).await?;
+        }
         let restarted_in = started
             .get()
             .map(|t| t.saturating_duration_since(before_kill));
         println!(
             "iteration {iteration} ({}): kill9+start took {restarted_in:?}; {reads} reads after the token, \
              all {expected} rows; served by {served:?}; first on replica1 {first_on_replica:?} after the start; \
-             replica replay at start {} vs token {} (older: {})",
-            if cached { "replica cached past the token" } else { "killed right after the write" },
-            older_at_start.0,
+             replica replay at start {} vs token {} (older: {}), after the reads {replay_end}; apply delay {held:?}",
+            if cached { "replica cached past the token, replay held" } else { "killed right after the write" },
+            replay.at_start,
             token.lsn(),
-            older_at_start.1,
+            replay.older(),
         );
+        if cached {
+            assert!(
+                replay.older(),
+                "iteration {iteration}: the replica came back at {} with the token at {}: not older, \
+                 so the hazard this test is about did not happen",
+                replay.at_start,
+                token.lsn()
+            );
+        }
 
         // The fleet notices the new incarnation: replica1 healthy, at the token, and
         // serving reads after it with all the rows.

@@ -2,12 +2,35 @@
 
 mod common;
 
-use std::time::Duration;
+use std::future::Future;
+use std::time::{Duration, Instant};
 
-use pgfleet::{Fleet, Intent};
+use pgfleet::{ConnectError, Error, Fleet, Intent};
 use pgfleet_testkit::LocalCluster;
 
 const WRONG: &str = "hunter2-wrong-secret";
+
+/// What a call may take beyond its own timeout (scheduling on a busy machine).
+const SLACK: Duration = Duration::from_millis(500);
+
+/// Runs `call`, which must return within `bound` (its own timeout) plus [`SLACK`]:
+/// panics if it does not, even if it never returns.
+async fn bounded<T>(what: &str, bound: Duration, call: impl Future<Output = T>) -> T {
+    let limit = bound + SLACK;
+    let t = Instant::now();
+    let r = tokio::time::timeout(limit, call)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not return within {limit:?}"));
+    let took = t.elapsed();
+    assert!(took <= limit, "{what} took {took:?}, more than {limit:?}");
+    r
+}
+
+/// Neither the error's text nor its Debug holds the password.
+fn assert_no_password(err: &Error) {
+    assert!(!err.to_string().contains(WRONG), "error text leaks: {err}");
+    assert!(!format!("{err:?}").contains(WRONG), "error Debug leaks");
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_password_is_reported_without_the_password() -> anyhow::Result<()> {
@@ -19,6 +42,25 @@ async fn wrong_password_is_reported_without_the_password() -> anyhow::Result<()>
         c.replicas[0].url = bad.parse().expect("url parses");
     });
     assert!(!format!("{config:?}").contains(WRONG), "config Debug leaks");
+    let lease_timeout = config.fleet.lease_timeout;
+    // Checked directly, the server's error is typed: a failed startup (authentication),
+    // naming the server, within the connect timeout.
+    let err = bounded(
+        "check_server with a wrong password",
+        config.fleet.connect_timeout + config.fleet.probe_timeout,
+        pgfleet::check_server(&config, "replica1"),
+    )
+    .await
+    .expect_err("a wrong password is refused");
+    assert!(
+        matches!(&err, Error::Connect { server, source: ConnectError::Startup(_) } if server == "replica1"),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().contains("password authentication failed"),
+        "{err}"
+    );
+    assert_no_password(&err);
     let fleet = Fleet::start(config).await?;
     // The bad replica is probed, fails authentication, and is reported with a reason.
     common::wait_for(
@@ -41,7 +83,12 @@ async fn wrong_password_is_reported_without_the_password() -> anyhow::Result<()>
     assert!(!format!("{fleet:?}").contains(WRONG), "fleet Debug leaks");
     // The rest of the fleet serves: eventual reads go to replica2 (or fall back).
     for _ in 0..20 {
-        let r = fleet.lease(Intent::read()).await?;
+        let r = bounded(
+            "a read with replica1's password wrong",
+            lease_timeout,
+            fleet.lease(Intent::read()),
+        )
+        .await?;
         assert_ne!(r.server(), "replica1");
         r.simple_query("SELECT 1").await?;
     }
@@ -61,13 +108,43 @@ async fn unreachable_primary_errors_without_the_password() -> anyhow::Result<()>
             c.replicas.clear();
         },
     );
+    let lease_timeout = config.fleet.lease_timeout;
     let fleet = Fleet::start(config).await?;
-    let err = fleet
-        .lease(Intent::Write)
-        .await
-        .expect_err("no primary can be reached");
-    assert!(matches!(err, pgfleet::Error::NoPrimary { .. }), "{err:?}");
-    assert!(!err.to_string().contains(WRONG) && !format!("{err:?}").contains(WRONG));
+    // Probed first, so the error below can say why.
+    common::wait_for(
+        "the primary to report its error",
+        Duration::from_secs(10),
+        || {
+            let s = fleet.status();
+            async move {
+                s.server("primary")
+                    .and_then(|r| r.last_error.clone())
+                    .is_some_and(|e| e.contains("password authentication failed"))
+            }
+        },
+    )
+    .await;
+    let err = bounded(
+        "a write with the primary's password wrong",
+        lease_timeout,
+        fleet.lease(Intent::Write),
+    )
+    .await
+    .expect_err("no primary can be reached");
+    // Typed, with the probes' reason (the failed authentication), and no password.
+    match &err {
+        Error::NoPrimary { waited, cause } => {
+            assert!(*waited <= lease_timeout + SLACK, "{err:?}");
+            assert!(
+                cause
+                    .as_deref()
+                    .is_some_and(|c| c.contains("password authentication failed")),
+                "{err:?}"
+            );
+        }
+        other => panic!("expected NoPrimary, got {other:?}"),
+    }
+    assert_no_password(&err);
     fleet.shutdown().await;
     Ok(())
 }
