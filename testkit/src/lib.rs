@@ -78,7 +78,9 @@
 //! and frees the cluster's slot. Each cluster also has a small watchdog process (`sh`) that waits
 //! for the test process to end, however it ends (normal exit, abort, SIGKILL), and then does the
 //! same; that is how the never-dropped [`LocalCluster::shared`] cluster is cleaned up, shortly
-//! after the test binary exits.
+//! after the test binary exits. Both signal only a process whose command line names one of the
+//! cluster's data dirs: after a [`LocalCluster::kill9`] without a restart, the pid left in
+//! `postmaster.pid` may belong to an unrelated process by then.
 //!
 //! # How many clusters at once
 //!
