@@ -1,6 +1,7 @@
 //! Write tokens: taken after COMMIT (never inside a transaction that wrote), naming the
 //! cluster, timeline and a position at or past the write; a stable text form; a read
-//! after a token sees the write; foreign and impossible tokens are typed, never panics.
+//! after a token sees the write; foreign and impossible tokens are typed, never panics; an
+//! `Lsn` goes to the server and back as a `pg_lsn` parameter.
 
 mod common;
 
@@ -189,6 +190,38 @@ async fn foreign_and_impossible_tokens() -> anyhow::Result<()> {
     // Our own token is checked fine.
     assert_eq!(fleet.check_token(&token), Ok(()));
     fleet.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lsn_parameters_round_trip_through_the_server() -> anyhow::Result<()> {
+    let cluster = LocalCluster::shared().await?;
+    let su = cluster.superuser_client(cluster.primary()).await?;
+    let now: Lsn = su
+        .query_one("SELECT pg_current_wal_insert_lsn()", &[])
+        .await?
+        .get(0);
+    for lsn in [Lsn::ZERO, Lsn(1), now, Lsn(0x16_B374_D848), Lsn(u64::MAX)] {
+        // Sent in binary as a parameter, read back in binary and as the server's own text.
+        let row = su
+            .query_one("SELECT $1::pg_lsn, $1::pg_lsn::text", &[&lsn])
+            .await?;
+        assert_eq!(row.get::<_, Lsn>(0), lsn);
+        assert_eq!(row.get::<_, String>(1), lsn.to_string());
+    }
+    // Compared by the server with its own position ($1 and $2 are inferred as pg_lsn).
+    let row = su
+        .query_one(
+            "SELECT pg_current_wal_insert_lsn() >= $1, pg_current_wal_insert_lsn() >= $2",
+            &[&now, &Lsn(u64::MAX)],
+        )
+        .await?;
+    assert!(row.get::<_, bool>(0), "the position went back past {now}");
+    assert!(
+        !row.get::<_, bool>(1),
+        "the server's position is at or past {}",
+        Lsn(u64::MAX)
+    );
     Ok(())
 }
 

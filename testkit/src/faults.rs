@@ -8,7 +8,7 @@ use tokio_postgres::{Client, Row};
 
 use crate::bins;
 use crate::cluster::connect;
-use crate::process::{children_of, postmaster_pid, ProcId};
+use crate::process::{children_of, postmaster_pid, running_postmaster, ProcId};
 use crate::{Error, LocalCluster, Node};
 
 /// How long the fault operations wait for their effect before [`Error::Timeout`].
@@ -209,8 +209,11 @@ impl LocalCluster {
 
     /// Crashes `node`: SIGKILL to its postmaster (SIGSTOPped first, so that no child is forked
     /// behind our back while we list its children), then waits until the postmaster and all its
-    /// children are gone (children that do not exit on their own within 500 ms of noticing the dead
-    /// postmaster get SIGKILL too). "Gone" means reaped: a zombie's pid still answers `kill(pid, 0)`.
+    /// children are dead (children that do not exit on their own within 500 ms of noticing the
+    /// dead postmaster get SIGKILL too). "Dead" means gone from `/proc` or a zombie (state `Z`)
+    /// awaiting its reaper: on return, `/proc/<pid>` may still exist for a moment, or for good
+    /// where nothing reaps orphans. The postmaster is the pid in `postmaster.pid`, and only if
+    /// its command line names the node's data dir (never a process that reused a stale pid).
     /// [`start`](Self::start) works afterwards (crash recovery runs).
     ///
     /// # Errors
@@ -218,19 +221,16 @@ impl LocalCluster {
     /// [`Error::State`] if the node is not running, [`Error::Timeout`] if the processes do not
     /// disappear within 60 s.
     pub async fn kill9(&self, node: &Node) -> Result<(), Error> {
-        let postmaster = postmaster_pid(node.data_dir())
-            .and_then(ProcId::of)
-            .filter(|p| p.is_running())
-            .ok_or_else(|| Error::State {
-                node: node.name().to_owned(),
-                what: "kill9: the node is not running (no live postmaster in postmaster.pid)"
-                    .to_owned(),
-            })?;
+        let postmaster = running_postmaster(node.data_dir()).ok_or_else(|| Error::State {
+            node: node.name().to_owned(),
+            what: "kill9: the node is not running (no live postmaster of its data dir in postmaster.pid)"
+                .to_owned(),
+        })?;
         // Freeze it first, so it forks no child after we list them: a backend we missed would
         // keep the old shared memory attached, and the next start would refuse to run.
         postmaster.signal(Signal::STOP);
         let frozen_by = Instant::now() + Duration::from_secs(2);
-        while !postmaster.is_stopped() && !postmaster.is_gone() && Instant::now() < frozen_by {
+        while !postmaster.is_stopped() && postmaster.is_running() && Instant::now() < frozen_by {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         let children = children_of(postmaster.pid);
@@ -242,22 +242,19 @@ impl LocalCluster {
         let killed_at = Instant::now();
         let deadline = killed_at + OP_TIMEOUT;
         loop {
-            let live_children: Vec<&ProcId> = children.iter().filter(|c| !c.is_gone()).collect();
-            if postmaster.is_gone() && live_children.is_empty() {
+            // A zombie counts as dead: it has released its memory (so the old shared memory
+            // segment is detached) and only waits for a reaper, which in a container may never
+            // come. `start` removes the stale lock files a zombie pid would otherwise keep valid.
+            let live_children: Vec<&ProcId> = children.iter().filter(|c| c.is_running()).collect();
+            if !postmaster.is_running() && live_children.is_empty() {
                 return Ok(());
             }
             if killed_at.elapsed() >= CHILD_GRACE {
-                for c in live_children.iter().filter(|c| c.is_running()) {
+                for c in &live_children {
                     c.signal(Signal::KILL);
                 }
             }
             if Instant::now() >= deadline {
-                // Dead but unreaped (zombies) is as good as gone for `start`, which then removes
-                // the stale lock files itself.
-                if !postmaster.is_running() && live_children.iter().all(|c| !c.is_running()) {
-                    tracing::warn!(target: "pgfleet_testkit::faults", node = node.name(), "killed processes not reaped in time");
-                    return Ok(());
-                }
                 return Err(Error::Timeout {
                     node: node.name().to_owned(),
                     what: "the killed postmaster and its children to disappear".to_owned(),
@@ -276,33 +273,24 @@ impl LocalCluster {
     ///
     /// [`Error::State`] if the node is running, [`Error::Command`] with the server log's tail.
     pub async fn start(&self, node: &Node) -> Result<(), Error> {
-        if let Some(old) = postmaster_pid(node.data_dir()) {
-            match ProcId::of(old) {
-                // Running, and really this node's postmaster (not a reused pid).
-                Some(p)
-                    if p.is_running()
-                        && p.cmdline().contains(&*node.data_dir().to_string_lossy()) =>
-                {
-                    return Err(Error::State {
-                        node: node.name().to_owned(),
-                        what: format!("start: already running (postmaster pid {old})"),
-                    });
-                }
-                // Dead: a zombie still answers kill(pid, 0), so postgres would refuse these
-                // files; a gone pid could be reused by then. Either way they are stale.
-                _ => {
-                    for f in [
-                        node.data_dir().join("postmaster.pid"),
-                        self.ctx.dir.join(format!(".s.PGSQL.{}.lock", node.port())),
-                    ] {
-                        match std::fs::remove_file(&f) {
-                            Ok(()) => {}
-                            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                            Err(e) => {
-                                return Err(Error::io(format!("removing stale {}", f.display()), e))
-                            }
-                        }
-                    }
+        // Running, and really this node's postmaster (not a reused pid).
+        if let Some(p) = running_postmaster(node.data_dir()) {
+            return Err(Error::State {
+                node: node.name().to_owned(),
+                what: format!("start: already running (postmaster pid {})", p.pid),
+            });
+        }
+        if postmaster_pid(node.data_dir()).is_some() {
+            // Dead: a zombie still answers kill(pid, 0), so postgres would refuse these
+            // files; a gone pid could be reused by then. Either way they are stale.
+            for f in [
+                node.data_dir().join("postmaster.pid"),
+                self.ctx.dir.join(format!(".s.PGSQL.{}.lock", node.port())),
+            ] {
+                match std::fs::remove_file(&f) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(Error::io(format!("removing stale {}", f.display()), e)),
                 }
             }
         }

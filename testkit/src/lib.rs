@@ -39,9 +39,10 @@
 //! # What the machine needs
 //!
 //! PostgreSQL server binaries (`initdb`, `pg_ctl`, `pg_basebackup`, `postgres`), version 15 or
-//! newer: from `PG_BIN` if set, else the highest version under `/usr/lib/postgresql/*/bin` (Debian's
-//! `apt-get install postgresql`), else `initdb` on `PATH`. Without them every start fails with
-//! [`Error::BinariesNotFound`]. Each cluster takes a temp dir under [`std::env::temp_dir`]
+//! newer: from `PG_BIN` if set and not empty (it must then hold them all), else the highest
+//! version, compared numerically, under `/usr/lib/postgresql/*/bin` (Debian's `apt-get install
+//! postgresql`), else the first directory on `PATH` holding them all. Without them every start
+//! fails with [`Error::BinariesNotFound`], which says where it looked. Each cluster takes a temp dir under [`std::env::temp_dir`]
 //! (`pgfleet-testkit-XXXXXX`) and about 50 MB of memory per node.
 //!
 //! The primary's initial data dir (after `initdb` and the creation of the roles and database
@@ -78,7 +79,9 @@
 //! and frees the cluster's slot. Each cluster also has a small watchdog process (`sh`) that waits
 //! for the test process to end, however it ends (normal exit, abort, SIGKILL), and then does the
 //! same; that is how the never-dropped [`LocalCluster::shared`] cluster is cleaned up, shortly
-//! after the test binary exits.
+//! after the test binary exits. Both signal only a process whose command line names one of the
+//! cluster's data dirs: after a [`LocalCluster::kill9`] without a restart, the pid left in
+//! `postmaster.pid` may belong to an unrelated process by then.
 //!
 //! # How many clusters at once
 //!

@@ -1,12 +1,41 @@
-//! stop / start / restart of nodes, and promotion of a replica.
+//! stop / start / restart of nodes, and promotion of a replica; builder settings apply to every
+//! node and survive restarts.
 
 use std::time::Duration;
 
 use pgfleet_testkit::LocalCluster;
 
+/// Settings given to [`pgfleet_testkit::ClusterBuilder::setting`]: (name, value, what `SHOW`
+/// answers). Neither is a default; the second needs quoting in `postgresql.conf`.
+const SETTINGS: [(&str, &str, &str); 2] = [
+    ("work_mem", "7MB", "7MB"),
+    (
+        "log_line_prefix",
+        r"%m [%p] it's \ quoted ",
+        r"%m [%p] it's \ quoted ",
+    ),
+];
+
+/// Every node, the primary and each replica, shows the builder's settings.
+async fn assert_settings_on_every_node(cluster: &LocalCluster) -> anyhow::Result<()> {
+    for node in cluster.nodes() {
+        let client = cluster.superuser_client(node).await?;
+        for (name, _, shown) in SETTINGS {
+            let row = client.query_one(&format!("SHOW {name}"), &[]).await?;
+            assert_eq!(row.get::<_, String>(0), shown, "{}: {name}", node.name());
+        }
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_start_and_restart() -> anyhow::Result<()> {
-    let cluster = LocalCluster::builder().replicas(1).start().await?;
+    let mut builder = LocalCluster::builder().replicas(1);
+    for (name, value, _) in SETTINGS {
+        builder = builder.setting(name, value);
+    }
+    let cluster = builder.start().await?;
+    assert_settings_on_every_node(&cluster).await?;
     let replica = cluster.replica(0);
 
     cluster.stop(replica).await?;
@@ -44,6 +73,8 @@ async fn stop_start_and_restart() -> anyhow::Result<()> {
         cluster.start(replica).await.is_err(),
         "starting a running node is an error"
     );
+    // From postgresql.conf, not just the first start's memory.
+    assert_settings_on_every_node(&cluster).await?;
     Ok(())
 }
 

@@ -24,17 +24,19 @@ async fn paused_replay_receives_but_does_not_apply_until_resumed() -> anyhow::Re
     primary
         .batch_execute("INSERT INTO paused SELECT generate_series(1, 1000)")
         .await?;
-    let primary_lsn: String = primary
-        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
-        .await?
-        .get(0);
+    // Taken after the INSERT committed, so at or past the end of its commit record. The write
+    // position rather than pg_current_wal_insert_lsn(): when a record ends exactly at a page
+    // boundary, the insert position points past the next page's header, which the replica's
+    // receive position only passes once more WAL is written.
+    let primary_lsn = cluster.current_wal_lsn(cluster.primary()).await?;
 
-    // The WAL receiver keeps going: its position passes the (frozen) replay position.
+    // The WAL receiver keeps going: it receives everything up to the INSERT's commit, while the
+    // replay position stays where it was paused, before it.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let row = standby
             .query_one(
-                "SELECT pg_last_wal_receive_lsn() > pg_last_wal_replay_lsn(),
+                "SELECT pg_last_wal_receive_lsn() >= $1::text::pg_lsn,
                         pg_last_wal_replay_lsn() < $1::text::pg_lsn,
                         pg_last_wal_replay_lsn()::text",
                 &[&primary_lsn],
@@ -54,7 +56,7 @@ async fn paused_replay_receives_but_does_not_apply_until_resumed() -> anyhow::Re
         }
         assert!(
             Instant::now() < deadline,
-            "receive LSN did not pass replay LSN in 10 s"
+            "the replica did not receive the INSERT's WAL (up to {primary_lsn}) in 10 s"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
