@@ -443,6 +443,11 @@ pub struct PrimaryConfig {
     /// weights; `0` means reads reach it only as a fallback. Default: `0`.
     #[serde(default)]
     pub read_weight: u32,
+    /// Read weight of this server while it runs as a standby, after a failover
+    /// promoted another one. Weights follow roles: whichever server is the primary
+    /// takes `read_weight`. Default: `1`.
+    #[serde(default = "default_weight")]
+    pub replica_weight: u32,
 }
 
 impl PrimaryConfig {
@@ -453,6 +458,7 @@ impl PrimaryConfig {
             url,
             pool_size: default_pool_size(),
             read_weight: 0,
+            replica_weight: default_weight(),
         }
     }
 }
@@ -471,7 +477,8 @@ pub struct ReplicaConfig {
     #[serde(default = "default_pool_size")]
     pub pool_size: usize,
     /// Relative share of reads, 0..=10000; `0` keeps the replica out of
-    /// rotation. At least one replica needs a weight above 0. Default: `1`.
+    /// rotation. At least one replica needs a weight above 0. Applies while the
+    /// server is a standby: promoted, it takes `primary.read_weight`. Default: `1`.
     #[serde(default = "default_weight")]
     pub weight: u32,
 }
@@ -663,6 +670,10 @@ fn validate_servers(
     config.server_tls(&format!("{prefix}primary.url"), &primary.url)?;
     check_pool_size(&format!("{prefix}primary.pool_size"), primary.pool_size)?;
     check_weight(&format!("{prefix}primary.read_weight"), primary.read_weight)?;
+    check_weight(
+        &format!("{prefix}primary.replica_weight"),
+        primary.replica_weight,
+    )?;
 
     for (i, replica) in replicas.iter().enumerate() {
         let key = |field: &str| format!("{prefix}replicas[{i}].{field}");

@@ -18,7 +18,7 @@ use crate::metrics::{self, IntentLabel, WaitOutcome};
 use crate::router::{RouterMsg, WaitReply, WaitRequest};
 use crate::server::ServerMsg;
 use crate::session::{Session, SessionInner};
-use crate::shared::{Counters, ServerSlot, Shared};
+use crate::shared::{Counters, RoleWeights, ServerSlot, Shared};
 use crate::status::{ServerStatus, Status};
 use crate::supervisor::{Supervisor, SupervisorMsg};
 use crate::token::{Token, TokenError};
@@ -98,7 +98,11 @@ pub(crate) fn build_shared(
         p.url.clone(),
         TlsSetup::new(&config, &format!("{prefix}primary.url"), &p.url)?,
         p.pool_size,
-        p.read_weight,
+        RoleWeights {
+            configured_primary: true,
+            as_primary: p.read_weight,
+            as_replica: p.replica_weight,
+        },
     ));
     for (i, r) in config.replicas.iter().enumerate() {
         slots.push(ServerSlot::new(
@@ -107,7 +111,11 @@ pub(crate) fn build_shared(
             r.url.clone(),
             TlsSetup::new(&config, &format!("{prefix}replicas[{i}].url"), &r.url)?,
             r.pool_size,
-            r.weight,
+            RoleWeights {
+                configured_primary: false,
+                as_primary: p.read_weight,
+                as_replica: r.weight,
+            },
         ));
     }
     let weights: Vec<u32> = slots.iter().map(|s| s.weight).collect();

@@ -198,7 +198,7 @@ fn seed_topology(last: &Topology, old: &Shared, new: &Shared) -> Topology {
             if let Some(v) = last.servers.get(i) {
                 let mut v = v.clone();
                 v.fresh = false;
-                v.weight = slot.weight;
+                v.weight = slot.read_weight(v.role);
                 t.servers[j] = v;
             }
         }
@@ -212,6 +212,7 @@ fn seed_topology(last: &Topology, old: &Shared, new: &Shared) -> Topology {
         },
         PrimaryState::Missing => PrimaryState::Missing,
     };
+    t.weights = t.servers.iter().map(|v| v.weight).collect();
     t.rr_seq = smooth_rr_sequence(&t.weights);
     t.primary_lsn = last.primary_lsn;
     t.system_id = last.system_id;

@@ -424,7 +424,9 @@ impl RouterState {
         let newest = self.history.newest();
         let slow_start = self.shared.config.fleet.slow_start;
         let mut weights_changed = false;
-        for k in &mut self.servers {
+        for (k, slot) in self.servers.iter_mut().zip(&self.shared.slots) {
+            // The weight follows the role: a promoted replica takes the primary's.
+            k.weight = slot.read_weight(k.view.role);
             let v = &mut k.view;
             if v.role == Role::Replica {
                 v.lag_bytes = match (newest, v.lsn) {

@@ -14,7 +14,7 @@ use crate::conn::{ConnRegistry, NetOptions, Pool, TlsSetup};
 use crate::metrics::ServerMetrics;
 use crate::router::RouterMsg;
 use crate::server::ServerMsg;
-use crate::topology::Topology;
+use crate::topology::{Role, Topology};
 
 /// One server's two pools: reads run with `default_transaction_read_only = on`, so a
 /// write under a read lease fails the same way on the primary as on a replica.
@@ -59,8 +59,15 @@ pub(crate) struct ServerSlot {
     pub(crate) tls: TlsSetup,
     /// Pool size from the config.
     pub(crate) pool_size: usize,
-    /// Configured read weight (replica `weight`, primary `read_weight`).
+    /// Configured read weight in its configured role (replica `weight`, primary
+    /// `read_weight`); see [`ServerSlot::read_weight`] for the weight by current role.
     pub(crate) weight: u32,
+    /// Read weight while this server is the primary: the cluster's
+    /// `primary.read_weight`, whichever server holds the role (after a failover too).
+    pub(crate) weight_as_primary: u32,
+    /// Read weight while it is a standby: its `weight` for a replica, `replica_weight`
+    /// for the configured primary (once it rejoins as a standby after a failover).
+    pub(crate) weight_as_replica: u32,
     /// Pools of the current actor incarnation; `None` while it is down.
     pub(crate) pools: ArcSwapOption<Pools>,
     /// The current actor, for `ProbeNow` from leases.
@@ -83,14 +90,35 @@ pub(crate) struct ServerSlot {
     pub(crate) metrics: ServerMetrics,
 }
 
+/// A server's read weights by role (see [`ServerSlot::read_weight`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RoleWeights {
+    /// Configured as the cluster's `[primary]`.
+    pub(crate) configured_primary: bool,
+    /// Weight while it is the primary.
+    pub(crate) as_primary: u32,
+    /// Weight while it is a standby.
+    pub(crate) as_replica: u32,
+}
+
 impl ServerSlot {
+    /// The read weight for the role the server has now: roles move in a failover, and
+    /// the weight moves with the role (the configured one while the role is unknown).
+    pub(crate) fn read_weight(&self, role: Role) -> u32 {
+        match role {
+            Role::Primary => self.weight_as_primary,
+            Role::Replica => self.weight_as_replica,
+            Role::Unknown => self.weight,
+        }
+    }
+
     pub(crate) fn new(
         cluster: &str,
         name: &str,
         url: ServerUrl,
         tls: TlsSetup,
         pool_size: usize,
-        weight: u32,
+        weights: RoleWeights,
     ) -> Self {
         let name: Arc<str> = name.into();
         ServerSlot {
@@ -99,7 +127,13 @@ impl ServerSlot {
             url,
             tls,
             pool_size,
-            weight,
+            weight: if weights.configured_primary {
+                weights.as_primary
+            } else {
+                weights.as_replica
+            },
+            weight_as_primary: weights.as_primary,
+            weight_as_replica: weights.as_replica,
             pools: ArcSwapOption::empty(),
             actor: ArcSwapOption::empty(),
             in_flight: AtomicU64::new(0),
@@ -203,7 +237,7 @@ impl Shared {
             .slots
             .iter()
             .zip(t.servers.iter())
-            .filter(|(_, v)| v.role != crate::topology::Role::Replica)
+            .filter(|(_, v)| v.role != Role::Replica)
             .filter_map(|(s, _)| s.last_error().map(|e| format!("{}: {e}", s.name)))
             .collect();
         crate::error::Error::NoPrimary {

@@ -49,6 +49,7 @@ fn example_file_parses_to_the_documented_defaults() -> anyhow::Result<()> {
     assert_eq!(config.primary.url.host(), "10.0.0.1");
     assert_eq!(config.primary.pool_size, 16);
     assert_eq!(config.primary.read_weight, 0);
+    assert_eq!(config.primary.replica_weight, 1);
 
     let names: Vec<&str> = config.replicas.iter().map(|r| r.name.as_str()).collect();
     assert_eq!(names, ["replica1", "replica2"]);
@@ -138,6 +139,7 @@ fn minimal_config_fills_every_default() -> anyhow::Result<()> {
     assert_eq!(config.primary.name, "primary");
     assert_eq!(config.primary.pool_size, 16);
     assert_eq!(config.primary.read_weight, 0);
+    assert_eq!(config.primary.replica_weight, 1);
     assert!(config.replicas.is_empty());
     Ok(())
 }
@@ -293,6 +295,10 @@ fn bad_configs_name_the_key() {
         (format!("{PRIMARY}pool_size = 0\n"), vec!["primary.pool_size: is 0"]),
         (two_replicas("pool_size = 10001\n"), vec!["replicas[1].pool_size"]),
         (two_replicas("weight = 10001\n"), vec!["replicas[1].weight"]),
+        (
+            format!("{PRIMARY}replica_weight = 10001\n"),
+            vec!["primary.replica_weight"],
+        ),
         (
             format!("[fleet]\nprobe_interval = \"0s\"\n{PRIMARY}"),
             vec!["fleet.probe_interval: must be more than 0s"],

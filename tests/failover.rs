@@ -132,10 +132,21 @@ async fn writes_follow_a_promotion_and_tokens_past_the_switch_point_are_refused(
     assert_eq!(ids, vec![1, 3]);
     drop(r);
 
-    // Eventual reads keep working.
+    // Eventual reads keep working. Weights follow roles: the promoted replica1 takes
+    // the primary's read_weight (0), so it serves reads only as the fallback (replica2
+    // still follows the dead primary, its lag unknown).
     let r = fleet.lease(Intent::read()).await?;
     r.query_one("SELECT 1", &[]).await?;
+    assert_eq!(
+        (r.server(), r.role(), r.is_fallback()),
+        ("replica1", Role::Primary, true),
+        "\n{}",
+        fleet.status()
+    );
     drop(r);
+    let status = fleet.status();
+    let r1 = status.server("replica1").expect("replica1");
+    assert_eq!((r1.role, r1.weight), (Role::Primary, 0), "\n{status}");
     fleet.shutdown().await;
     Ok(())
 }
