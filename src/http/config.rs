@@ -6,6 +6,7 @@ use std::fmt;
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use zeroize::Zeroizing;
 
 use crate::config::{check_duration, check_identifier, env_reference, invalid, ConfigError};
 
@@ -114,11 +115,11 @@ impl fmt::Display for SameSite {
 /// variable `NAME` when written as `"${NAME}"` (e.g. generated with
 /// `openssl rand -base64 32`). `Debug` shows `TokenKey(***)` or `TokenKey(${NAME})`,
 /// and it serializes as `"***"` or `"${NAME}"`: the secret never leaves it except to
-/// compute MACs.
+/// compute MACs, and its bytes are zeroed when it is dropped.
 #[derive(Clone, PartialEq, Eq)]
 pub struct TokenKey {
-    /// The key bytes (empty while `missing_env` is set).
-    secret: Vec<u8>,
+    /// The key bytes (empty while `missing_env` is set), zeroed on drop.
+    secret: Zeroizing<Vec<u8>>,
     /// The environment variable it came from, if any (not secret: shown instead of it).
     env: Option<String>,
     /// Set when `env` was unset at parse time; [`crate::Config::validate`] reports it.
@@ -130,7 +131,7 @@ impl TokenKey {
     /// shorter than 32 bytes.
     pub fn new(secret: impl Into<Vec<u8>>) -> Self {
         Self {
-            secret: secret.into(),
+            secret: Zeroizing::new(secret.into()),
             env: None,
             missing_env: false,
         }
@@ -156,12 +157,12 @@ impl TokenKey {
     fn from_env_inner(var: &str) -> Result<Self, ConfigError> {
         match std::env::var(var) {
             Ok(value) => Ok(Self {
-                secret: value.into_bytes(),
+                secret: Zeroizing::new(value.into_bytes()),
                 env: Some(var.to_owned()),
                 missing_env: false,
             }),
             Err(std::env::VarError::NotPresent) => Ok(Self {
-                secret: Vec::new(),
+                secret: Zeroizing::new(Vec::new()),
                 env: Some(var.to_owned()),
                 missing_env: true,
             }),
