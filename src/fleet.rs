@@ -136,6 +136,7 @@ pub(crate) fn build_shared(
         slots,
         topology: ArcSwap::from_pointee(topology),
         changed: Notify::new(),
+        successor: ArcSwapOption::empty(),
         router: ArcSwapOption::empty(),
         // LISTEN subscriptions outlive a reload.
         listen: previous.map_or_else(Arc::default, |p| p.listen.clone()),
@@ -904,11 +905,22 @@ async fn lease_wait(
     start: Instant,
     mut excluded: Vec<bool>,
 ) -> Result<Lease, Error> {
-    let cfg = &shared.config;
-    let deadline = start + cfg.fleet.lease_timeout;
+    let deadline = start + shared.config.fleet.lease_timeout;
     let mut waited_for_replica = false;
     let mut verified = false;
+    // The generation this lease is decided in; a reload replaces it (see below).
+    let mut current = shared.clone();
     loop {
+        // A reload replaced the generation while this lease waited: go on in the new
+        // one (its topology moves, the old one no longer does), within the same deadline.
+        if let Some(next) = current.successor.load_full() {
+            current = next;
+            excluded.clear();
+            waited_for_replica = false;
+            continue;
+        }
+        let shared = &current;
+        let cfg = &shared.config;
         if shared.is_shutting_down() {
             return Err(Error::ShuttingDown);
         }
@@ -938,6 +950,9 @@ async fn lease_wait(
                                 let asked = Instant::now();
                                 let until = deadline.min(asked + cfg.consistency.ryw_wait);
                                 let reply = ask_router(shared, token, until).await;
+                                if shared.successor.load().is_some() {
+                                    continue;
+                                }
                                 let outcome = match reply {
                                     WaitReply::Serve(_) => WaitOutcome::Replica,
                                     WaitReply::TooMany(_) => WaitOutcome::Refused,
@@ -1073,7 +1088,11 @@ fn void(shared: &Shared, idx: usize) {
 }
 
 async fn wait_change(shared: &Shared, until: Instant) {
+    // Registered before the check: a reload's wake-up cannot fall in between.
     let notified = shared.changed.notified();
+    if shared.successor.load().is_some() {
+        return;
+    }
     let _ = tokio::time::timeout_at(until.into(), notified).await;
 }
 
@@ -1095,6 +1114,9 @@ async fn primary_or_wait(
                 return Err(shared.no_primary(start.elapsed()));
             }
             wait_change(shared, deadline).await;
+            if shared.successor.load().is_some() {
+                return Ok(None);
+            }
             if Instant::now() >= deadline && shared.topology.load().primary_index().is_none() {
                 return Err(shared.no_primary(start.elapsed()));
             }

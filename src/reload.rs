@@ -51,9 +51,9 @@ impl Fleet {
     /// stays in force untouched. Leases already granted are unaffected. LISTEN
     /// subscriptions carry over; each gets
     /// [`ListenEvent::Reconnected`](crate::ListenEvent::Reconnected), since the listener
-    /// reconnects. A lease waiting (for a primary or a replica to catch up) while the
-    /// switch happens finishes on the old generation, which no longer changes: it may
-    /// time out.
+    /// reconnects. A lease waiting (for a primary, a replica to catch up, or a
+    /// connection) while the switch happens carries on in the new generation within its
+    /// `lease_timeout`.
     ///
     /// # Errors
     ///
@@ -99,7 +99,7 @@ impl Fleet {
                 |e| Error::Internal(format!("reload: the supervisor did not answer: {e}")),
             )?;
         for (((cell, old), new), handed) in cells.iter().zip(&old_gens).zip(new_gens).zip(handed) {
-            cell.current.store(new);
+            cell.current.store(new.clone());
             // Pools handed over now belong to the new generation: unhook them from the
             // old slots before the old actors stop (their post_stop closes what is left).
             for i in handed {
@@ -107,6 +107,8 @@ impl Fleet {
                 o.pools.store(None);
                 o.actor.store(None);
             }
+            // Leases still waiting in the old generation carry on in the new one.
+            old.successor.store(Some(new));
             old.changed.notify_waiters();
         }
         for actor in replaced {

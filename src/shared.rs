@@ -205,6 +205,9 @@ pub(crate) struct Shared {
     pub(crate) topology: ArcSwap<Topology>,
     /// Woken after every publish, for leases waiting for a primary.
     pub(crate) changed: Notify,
+    /// The generation a reload replaced this one with: leases still waiting here
+    /// carry on there.
+    pub(crate) successor: ArcSwapOption<Shared>,
     /// The current router (changes when the supervisor restarts it).
     pub(crate) router: ArcSwapOption<ActorRef<RouterMsg>>,
     /// LISTEN/NOTIFY subscriptions and the current listener actor: kept here so a

@@ -144,3 +144,56 @@ async fn reload_applies_changes_and_keeps_unchanged_connections() -> anyhow::Res
     assert_eq!(fleet.shutdown().await, 0);
     Ok(())
 }
+
+/// A lease waiting when a reload switches generations carries on in the new one: here a
+/// write waits for a primary the old configuration cannot reach (wrong port), and the
+/// reload that fixes the URL lets it through well before its `lease_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_waiting_during_a_reload_carries_on_in_the_new_generation() -> anyhow::Result<()> {
+    common::trace();
+    let cluster = LocalCluster::shared().await?;
+    let lease_timeout = Duration::from_secs(15);
+    let good = common::config(cluster, common::FAST, |c| {
+        c.fleet.lease_timeout = lease_timeout;
+    });
+    let url = cluster.primary().url();
+    let port = format!(":{}/", cluster.primary().proxy_port());
+    anyhow::ensure!(url.contains(&port), "{url} has {port}");
+    let mut bad = good.clone();
+    bad.primary.url = url.replace(&port, ":1/").parse()?;
+    let fleet = Fleet::start(bad).await?;
+
+    let waiting = tokio::spawn({
+        let fleet = fleet.clone();
+        async move {
+            let started = std::time::Instant::now();
+            let r = fleet.lease(Intent::Write).await;
+            (r.map(|l| l.server().to_owned()), started.elapsed())
+        }
+    });
+    // The primary's probe has failed: the write cannot have been granted; it waits.
+    common::wait_for(
+        "the primary's probe to fail",
+        Duration::from_secs(10),
+        || async {
+            fleet
+                .status()
+                .server("primary")
+                .is_some_and(|s| s.last_error.is_some())
+        },
+    )
+    .await;
+    assert!(!waiting.is_finished(), "the write did not wait");
+
+    let report = fleet.reload(good).await?;
+    assert_eq!(report.replaced, vec!["primary".to_owned()], "{report:?}");
+    let (r, took) = tokio::time::timeout(lease_timeout + Duration::from_secs(5), waiting).await??;
+    assert_eq!(r?, "primary", "the waiting write, after {took:?}");
+    assert!(
+        took < lease_timeout,
+        "granted after {took:?}: it waited out its lease_timeout in the old generation"
+    );
+    println!("a write waiting across the reload was granted after {took:?}");
+    fleet.shutdown().await;
+    Ok(())
+}
