@@ -56,8 +56,11 @@ pub(crate) struct ConnState {
     /// `Query` or `Sync` sent. The status above is final only when this is 0: a lease may
     /// end with an error in hand while the server's `ReadyForQuery` is still in flight.
     pending: AtomicI64,
-    /// Woken when `pending` drops to 0.
+    /// Woken when `pending` drops to 0, or when the stream ends.
     settled: Notify,
+    /// The stream ended or failed (EOF, an I/O error, or killed): no `ReadyForQuery`
+    /// will come any more, so nothing waits for one.
+    closed: AtomicBool,
 }
 
 impl ConnState {
@@ -69,7 +72,20 @@ impl ConnState {
             waker: AtomicWaker::new(),
             pending: AtomicI64::new(1),
             settled: Notify::new(),
+            closed: AtomicBool::new(false),
         }
+    }
+
+    /// The stream ended or failed: wakes anyone waiting for it to settle.
+    fn mark_closed(&self) {
+        if !self.closed.swap(true, Ordering::AcqRel) {
+            self.settled.notify_waiters();
+        }
+    }
+
+    /// Whether the stream ended or failed (the connection is unusable).
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
     }
 
     /// Whether every request sent has had its `ReadyForQuery`.
@@ -77,13 +93,17 @@ impl ConnState {
         self.pending.load(Ordering::Acquire) <= 0
     }
 
-    /// Waits (at most `timeout`) until every request sent has had its `ReadyForQuery`.
+    /// Waits (at most `timeout`) until every request sent has had its `ReadyForQuery`;
+    /// `false` at once when the stream has ended (a dead server sends none).
     pub(crate) async fn settle(&self, timeout: Duration) -> bool {
         let until = tokio::time::Instant::now() + timeout;
         loop {
             let notified = self.settled.notified();
             if self.is_settled() {
                 return true;
+            }
+            if self.is_closed() {
+                return false;
             }
             if tokio::time::timeout_at(until, notified).await.is_err() {
                 return self.is_settled();
@@ -95,6 +115,7 @@ impl ConnState {
     pub(crate) fn kill(&self) {
         self.killed.store(true, Ordering::Release);
         self.waker.wake();
+        self.mark_closed();
     }
 
     fn check_killed(&self, cx: &Context<'_>) -> Option<io::Error> {
@@ -320,6 +341,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for SniffStream<S> {
             return Poll::Ready(Err(e));
         }
         let before = buf.filled().len();
+        let room = buf.remaining();
         let SniffStream {
             inner,
             state,
@@ -327,8 +349,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for SniffStream<S> {
             ..
         } = &mut *self;
         let res = Pin::new(inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = res {
-            observe(frame, state, &buf.filled()[before..]);
+        match &res {
+            // Nothing read into a buffer with room: end of stream.
+            Poll::Ready(Ok(())) if room > 0 && buf.filled().len() == before => state.mark_closed(),
+            Poll::Ready(Ok(())) => observe(frame, state, &buf.filled()[before..]),
+            Poll::Ready(Err(_)) => state.mark_closed(),
+            Poll::Pending => {}
         }
         res
     }
@@ -605,7 +631,7 @@ impl managed::Manager for ConnManager {
     }
 
     async fn recycle(&self, conn: &mut PgConn, _: &Metrics) -> RecycleResult<ConnectError> {
-        if conn.client.is_closed() {
+        if conn.client.is_closed() || conn.state.is_closed() {
             return Err(RecycleError::message("connection closed"));
         }
         // A reply still in flight (its ReadyForQuery not read yet): give it a moment; a
@@ -936,6 +962,42 @@ mod tests {
 
     fn sniffer() -> SniffStream<()> {
         SniffStream::new((), Arc::new(ConnState::new()))
+    }
+
+    /// A server that goes away while a reply is owed: `settle` must not wait for a
+    /// `ReadyForQuery` that will never come (a session's next read waited on it).
+    #[tokio::test]
+    async fn end_of_stream_settles_nothing_and_wakes_waiters_at_once() {
+        use tokio::io::AsyncReadExt;
+        let (client_end, server_end) = tokio::io::duplex(64);
+        let state = Arc::new(ConnState::new());
+        let mut s = SniffStream::new(client_end, state.clone());
+        assert!(!state.is_settled(), "the startup's reply is owed");
+        let waiter = tokio::spawn({
+            let state = state.clone();
+            async move { state.settle(Duration::from_secs(30)).await }
+        });
+        drop(server_end);
+        let mut buf = [0u8; 16];
+        assert_eq!(s.read(&mut buf).await.expect("EOF reads as 0 bytes"), 0);
+        assert!(state.is_closed());
+        let settled = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("settle returned at the end of the stream, not at its timeout")
+            .expect("task");
+        assert!(!settled, "nothing settled it");
+        assert!(
+            !state.settle(Duration::from_secs(30)).await,
+            "and at once afterwards"
+        );
+    }
+
+    #[test]
+    fn killing_a_connection_closes_it() {
+        let state = ConnState::new();
+        assert!(!state.is_closed());
+        state.kill();
+        assert!(state.is_closed());
     }
 
     #[test]

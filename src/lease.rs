@@ -255,6 +255,10 @@ async fn upper_bound(shared: &Shared, idx: usize, conn: Pooled) -> Option<Token>
     let work = async {
         // The last reply's ReadyForQuery may still be in flight.
         conn.state.settle(shared.query_timeout()).await;
+        if conn.state.is_closed() {
+            // The server went away: it owes no reply, and nothing can be read here.
+            return Ok(Vec::new());
+        }
         if !conn.state.is_idle() {
             conn.client.batch_execute("ROLLBACK").await?;
         }
