@@ -125,6 +125,29 @@ async fn verify_full_to_localhost_leases_over_tls() {
     fleet.shutdown().await;
 }
 
+/// The testkit's TLS config (what `pgfleet-testkit up --tls` prints) parses and verifies
+/// every server.
+#[tokio::test]
+async fn the_testkit_tls_config_verifies_every_server() {
+    let cluster = tls_cluster().await;
+    let text = cluster
+        .pgfleet_tls_toml()
+        .expect("a TLS cluster has a TLS config");
+    let config = Config::from_toml_str(&text).expect("the testkit's TLS config parses");
+    assert_eq!(config.fleet.tls.sslmode, TlsMode::VerifyFull);
+    assert_eq!(
+        config.fleet.tls.sslrootcert.as_deref(),
+        cluster.ca_cert_path()
+    );
+    for server in ["primary", "replica1"] {
+        assert_eq!(
+            check_server(&config, server).await.ok(),
+            Some(true),
+            "{server} over TLS"
+        );
+    }
+}
+
 /// The sniffer sits above TLS: it sees `ReadyForQuery` in plaintext, so a connection released
 /// inside `BEGIN` is rolled back and reused (same backend), and a clean one is reused as is.
 #[tokio::test]

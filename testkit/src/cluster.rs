@@ -397,6 +397,24 @@ fn conf_line(name: &str, value: &str) -> Result<String, Error> {
     Ok(format!("{name} = '{quoted}'\n"))
 }
 
+/// `s` as a TOML basic string, quoted: a temp dir's path may hold `"` or `\`.
+fn toml_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{:04X}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
 /// Appends to `<data_dir>/postgresql.conf` (later lines win).
 fn append_conf(data_dir: &Path, text: &str) -> Result<(), Error> {
     use std::io::Write;
@@ -526,6 +544,28 @@ impl LocalCluster {
         s
     }
 
+    /// [`pgfleet_toml`](Self::pgfleet_toml) with TLS for a cluster started with
+    /// [`ClusterBuilder::tls`]: a `[fleet.tls]` table first, so every server is verified
+    /// against the cluster's CA (the certificate holds the URLs' `127.0.0.1`):
+    ///
+    /// ```toml
+    /// [fleet.tls]
+    /// sslmode = "verify-full"
+    /// sslrootcert = "/tmp/.../tls/ca.crt"
+    ///
+    /// [primary]
+    /// ...
+    /// ```
+    ///
+    /// `None` for a cluster without TLS.
+    pub fn pgfleet_tls_toml(&self) -> Option<String> {
+        let ca = self.ca_cert_path()?;
+        Some(self.pgfleet_toml_with(&format!(
+            "[fleet.tls]\nsslmode = \"verify-full\"\nsslrootcert = {}",
+            toml_string(&ca.to_string_lossy())
+        )))
+    }
+
     /// A superuser connection straight to `node` (no proxy), to the `app` database. Its connection
     /// task is spawned on the caller's runtime.
     ///
@@ -642,6 +682,13 @@ mod tests {
         );
         assert!(conf_line("bad name", "x").is_err());
         assert!(conf_line("x", "a\nb").is_err());
+    }
+
+    #[test]
+    fn toml_strings_are_escaped() {
+        assert_eq!(toml_string("/tmp/x/ca.crt"), r#""/tmp/x/ca.crt""#);
+        assert_eq!(toml_string(r#"a"b\c"#), r#""a\"b\\c""#);
+        assert_eq!(toml_string("a\nb\u{7f}"), r#""a\u000Ab\u007F""#);
     }
 
     #[tokio::test]

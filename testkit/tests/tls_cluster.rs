@@ -16,6 +16,17 @@ async fn a_tls_cluster_serves_its_certificate() -> anyhow::Result<()> {
     let ca = cluster.ca_cert_path().expect("a TLS cluster has a CA");
     assert!(std::fs::read_to_string(ca)?.starts_with("-----BEGIN CERTIFICATE-----"));
 
+    // The TLS config (what `up --tls` prints): the plain one behind a `[fleet.tls]` table that
+    // verifies every server against this CA. (tests/tls.rs in pgfleet parses and uses it.)
+    let toml = cluster
+        .pgfleet_tls_toml()
+        .expect("a TLS cluster has a TLS config");
+    let tls_table = format!(
+        "[fleet.tls]\nsslmode = \"verify-full\"\nsslrootcert = \"{}\"\n\n",
+        ca.display()
+    );
+    assert_eq!(toml, format!("{tls_table}{}", cluster.pgfleet_toml()));
+
     // The testkit's clients connect without TLS: ssl = on still accepts them.
     let client = cluster.superuser_client(cluster.primary()).await?;
     let row = client
@@ -68,6 +79,7 @@ async fn a_tls_cluster_serves_its_certificate() -> anyhow::Result<()> {
 async fn a_plain_cluster_has_no_ca() -> anyhow::Result<()> {
     let cluster = LocalCluster::builder().replicas(0).start().await?;
     assert!(cluster.ca_cert_path().is_none());
+    assert!(cluster.pgfleet_tls_toml().is_none());
     let client = cluster.superuser_client(cluster.primary()).await?;
     let row = client
         .query_one("SELECT current_setting('ssl')", &[])
