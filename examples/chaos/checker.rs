@@ -801,6 +801,12 @@ pub fn health(fleet: &Fleet, name: &str) -> Health {
     server(fleet, name).map_or(Health::Starting, |s| s.health)
 }
 
+/// Whether `name` is out of read rotation: unhealthy, or suspect (its last probe
+/// failed), which new leases already avoid.
+pub fn out_of_rotation(fleet: &Fleet, name: &str) -> bool {
+    server(fleet, name).is_none_or(|s| s.suspect || s.health != Health::Healthy)
+}
+
 /// Leases granted on `name` so far (all of the fleet's, not only the workload's).
 pub fn leases_on(fleet: &Fleet, name: &str) -> u64 {
     server(fleet, name).map_or(0, |s| s.leases)
@@ -1173,7 +1179,7 @@ pub async fn replica_kill9() -> anyhow::Result<Report> {
         h.cluster.kill9(h.cluster.replica(0)),
         wait_until(Duration::from_secs(20), || {
             let f = fleet.clone();
-            async move { health(&f, "replica1") != Health::Healthy }
+            async move { out_of_rotation(&f, "replica1") }
         })
     );
     killed?;
@@ -1206,7 +1212,7 @@ pub async fn replica_hang() -> anyhow::Result<Report> {
             Duration::from_secs(20),
             || {
                 let f = fleet.clone();
-                async move { health(&f, "replica1") != Health::Healthy }
+                async move { out_of_rotation(&f, "replica1") }
             },
         )
         .await;
