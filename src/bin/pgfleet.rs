@@ -63,7 +63,7 @@ enum Command {
     /// Start a fleet and print its status table.
     ///
     /// One row per server: role, health, replay/insert LSN, lag in bytes and
-    /// time, read weight, pool (leased/open/max), lease counters, restarts.
+    /// time, read weight, pool (in use/idle/open/max), lease counters, restarts.
     /// Waits for every server's first probe (at most --wait) before printing;
     /// exits with status 1 if the fleet was not ready by then (the table is
     /// printed anyway), 2 if the config is invalid.
