@@ -39,7 +39,8 @@ async fn main() -> anyhow::Result<()> {
             tokio::time::Instant::now() < deadline,
             "no new router within 10 s"
         );
-        tokio::task::yield_now().await;
+        // Until the supervisor retires the dead one, `router()` still returns it.
+        tokio::time::sleep(Duration::from_millis(5)).await;
     };
     // The old reference is dead now: its calls fail at once, they never hang.
     let stale = call!(router, RouterMsg::Lease, Intent::read());

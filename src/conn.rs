@@ -373,14 +373,20 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for SniffStream<S> {
             inner, state, out, ..
         } = &mut *self;
         let res = Pin::new(inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = res {
-            observe_out(out, state, &buf[..n]);
+        match &res {
+            Poll::Ready(Ok(n)) => observe_out(out, state, &buf[..*n]),
+            Poll::Ready(Err(_)) => state.mark_closed(),
+            Poll::Pending => {}
         }
         res
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let res = Pin::new(&mut self.inner).poll_flush(cx);
+        if let Poll::Ready(Err(_)) = &res {
+            self.state.mark_closed();
+        }
+        res
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -163,8 +163,9 @@ impl Fleet {
     ///
     /// [`Error::Config`] for an invalid configuration; [`Error::Internal`] if the actor
     /// system cannot start; [`Error::NoPrimary`] when `fleet.start_wait` is set and a
-    /// cluster's primary did not answer within it (the fleet is stopped then). An
-    /// unreachable server is not an error otherwise.
+    /// cluster's primary did not answer within it, [`Error::SplitBrain`] when two servers
+    /// claim the role meanwhile (the fleet is stopped then). An unreachable server is not
+    /// an error otherwise.
     pub async fn start(config: Config) -> Result<Fleet, Error> {
         config.validate()?;
         // The registry is fixed here: sorted by name for lock-free lookups.
@@ -219,8 +220,19 @@ impl Fleet {
             loop {
                 let shared = cell.current.load_full();
                 let notified = shared.changed.notified();
-                if shared.topology.load().primary_index().is_some() {
-                    break;
+                match shared.topology.load().primary {
+                    PrimaryState::Known(_) => break,
+                    PrimaryState::SplitBrain(a, b) => {
+                        // Waiting will not settle it: the fleet never guesses.
+                        let e = Error::SplitBrain {
+                            first: shared.slots[a].name.to_string(),
+                            second: shared.slots[b].name.to_string(),
+                        };
+                        tracing::warn!(target: TARGET, cluster = %cell.name, error = %e, "split brain at start; stopping");
+                        self.shutdown().await;
+                        return Err(e);
+                    }
+                    PrimaryState::Missing => {}
                 }
                 if tokio::time::timeout_at(deadline.into(), notified)
                     .await
@@ -986,7 +998,8 @@ async fn lease_wait(
                                 verified = true;
                                 if let ReadNeed::After(token) = rn {
                                     drop(topo);
-                                    crate::verify::verify_position(shared, &token).await?;
+                                    crate::verify::verify_position(shared, &token, deadline)
+                                        .await?;
                                 }
                                 continue;
                             }
@@ -1159,6 +1172,11 @@ async fn ask_router(shared: &Shared, token: Token, until: Instant) -> WaitReply 
     };
     // The router may be restarting: resolve it again until the deadline.
     loop {
+        // A reload replaced this generation (and stops its router): the caller goes on
+        // in the new one.
+        if shared.successor.load().is_some() {
+            return fallback;
+        }
         let Some(router) = shared.router.load_full() else {
             if Instant::now() >= until {
                 return fallback;

@@ -337,6 +337,7 @@ impl RouterState {
                 k.view.postmaster_start_us = Some(d.postmaster_start_us);
                 k.view.wal_sizes = Some(d.wal_sizes);
                 k.view.probe_latency = Some(r.latency);
+                k.view.probed_at = Some(r.started);
                 if fresh {
                     k.void_at = None;
                 }
@@ -498,13 +499,15 @@ impl RouterState {
         self.shared.publish(t);
     }
 
-    /// Whether replica `idx` may still replay `token` (healthy, same timeline, not paused).
+    /// Whether replica `idx` may still replay `token` (healthy and not suspect, same
+    /// timeline, not paused).
     fn candidate(&self, idx: usize, token: &Token) -> bool {
         let Some(k) = self.servers.get(idx) else {
             return false;
         };
         let v = &k.view;
         v.health == Health::Healthy
+            && !v.suspect
             && v.role == Role::Replica
             && v.weight > 0
             && v.timeline == Some(token.timeline())

@@ -2,7 +2,9 @@
 //! server actor per server and the LISTEN/NOTIFY listener, linked to itself, and
 //! restarts whichever fails — servers and listeners after an exponential backoff with
 //! jitter (through a timer message, never by sleeping in the supervision handler),
-//! routers at once.
+//! routers at once after a first failure and with the same backoff if they keep failing.
+//! Restart messages carry the cluster's generation (epoch): one that fires after a
+//! reload replaced the generation it was meant for is ignored.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -18,15 +20,16 @@ use crate::shared::Shared;
 
 const TARGET: &str = "pgfleet::supervisor";
 
-/// Messages to the supervisor. `c` is a cluster's index in the supervisor's list.
+/// Messages to the supervisor. `c` is a cluster's index in the supervisor's list;
+/// `epoch` the generation of that cluster the message was scheduled for.
 #[derive(Debug)]
 pub(crate) enum SupervisorMsg {
     /// Backoff elapsed: start server `idx` of cluster `c` again.
-    RestartServer(usize, usize),
+    RestartServer { c: usize, idx: usize, epoch: u64 },
     /// Start cluster `c`'s router again.
-    RestartRouter(usize),
+    RestartRouter { c: usize, epoch: u64 },
     /// Backoff elapsed: start cluster `c`'s LISTEN/NOTIFY listener again.
-    RestartListener(usize),
+    RestartListener { c: usize, epoch: u64 },
     /// A reload: start actors for these new generations (one per cluster, in order)
     /// in place of the current ones, and reply with the replaced actors, still running
     /// (the caller stops them once the new generation is published).
@@ -66,6 +69,8 @@ impl Child {
 /// One cluster's actors.
 #[derive(Debug)]
 struct Cluster {
+    /// Which generation of the cluster this is: 0 at start, one more per reload.
+    epoch: u64,
     shared: Arc<Shared>,
     servers: Vec<Child>,
     /// The router: restarted at once after its first failure (waiting reads need it),
@@ -98,7 +103,7 @@ impl Actor for Supervisor {
     ) -> Result<SupervisorState, ActorProcessingErr> {
         let mut out = Vec::with_capacity(clusters.len());
         for shared in clusters {
-            out.push(spawn_cluster(&myself, shared).await?);
+            out.push(spawn_cluster(&myself, shared, 0).await?);
         }
         Ok(SupervisorState {
             clusters: out,
@@ -116,10 +121,16 @@ impl Actor for Supervisor {
             return Ok(());
         }
         match msg {
-            SupervisorMsg::RestartServer(c, idx) => {
+            SupervisorMsg::RestartServer { c, idx, epoch } => {
                 let Some(cluster) = state.clusters.get_mut(c) else {
                     return Ok(());
                 };
+                // Meant for a generation a reload replaced, or already running.
+                if cluster.epoch != epoch
+                    || cluster.servers.get(idx).is_none_or(|s| s.cell.is_some())
+                {
+                    return Ok(());
+                }
                 let slot = &cluster.shared.slots[idx];
                 let restarts = slot.restarts.load(Ordering::Acquire);
                 let args = ServerArgs {
@@ -142,10 +153,13 @@ impl Actor for Supervisor {
                     }
                 }
             }
-            SupervisorMsg::RestartRouter(c) => {
+            SupervisorMsg::RestartRouter { c, epoch } => {
                 let Some(cluster) = state.clusters.get_mut(c) else {
                     return Ok(());
                 };
+                if cluster.epoch != epoch || cluster.router.cell.is_some() {
+                    return Ok(());
+                }
                 match Actor::spawn_linked(None, Router, cluster.shared.clone(), myself.get_cell())
                     .await
                 {
@@ -156,14 +170,17 @@ impl Actor for Supervisor {
                     }
                     Err(e) => {
                         tracing::error!(target: TARGET, error = %e, "router restart failed; retrying");
-                        schedule_router_restart(&myself, cluster, c);
+                        schedule_router_restart(&myself, cluster, c, false);
                     }
                 }
             }
-            SupervisorMsg::RestartListener(c) => {
+            SupervisorMsg::RestartListener { c, epoch } => {
                 let Some(cluster) = state.clusters.get_mut(c) else {
                     return Ok(());
                 };
+                if cluster.epoch != epoch || cluster.listener.cell.is_some() {
+                    return Ok(());
+                }
                 match Actor::spawn_linked(None, Listener, cluster.shared.clone(), myself.get_cell())
                     .await
                 {
@@ -185,7 +202,7 @@ impl Actor for Supervisor {
                     let Some(slot) = state.clusters.get_mut(c) else {
                         continue;
                     };
-                    let mut fresh = spawn_cluster(&myself, shared).await?;
+                    let mut fresh = spawn_cluster(&myself, shared, slot.epoch + 1).await?;
                     std::mem::swap(slot, &mut fresh);
                     replaced.extend(fresh.router.cell.take());
                     replaced.extend(fresh.listener.cell.take());
@@ -240,7 +257,7 @@ impl Actor for Supervisor {
                 cluster.router.cell = None;
                 // ractor runs no post_stop for a failed actor.
                 cluster.shared.retire_router(id);
-                schedule_router_restart(&myself, cluster, c);
+                schedule_router_restart(&myself, cluster, c, true);
                 return Ok(());
             }
             if cluster.listener.is(id) {
@@ -280,6 +297,7 @@ impl Actor for Supervisor {
 async fn spawn_cluster(
     myself: &ActorRef<SupervisorMsg>,
     shared: Arc<Shared>,
+    epoch: u64,
 ) -> Result<Cluster, ActorProcessingErr> {
     // Router first, so the servers' first reports have somewhere to go.
     let (router, _) = Actor::spawn_linked(None, Router, shared.clone(), myself.get_cell()).await?;
@@ -296,6 +314,7 @@ async fn spawn_cluster(
     let (listener, _) =
         Actor::spawn_linked(None, Listener, shared.clone(), myself.get_cell()).await?;
     Ok(Cluster {
+        epoch,
         shared,
         servers,
         router: Child::new(router.get_cell()),
@@ -305,17 +324,33 @@ async fn spawn_cluster(
 
 fn schedule_restart(myself: &ActorRef<SupervisorMsg>, cluster: &mut Cluster, c: usize, idx: usize) {
     let delay = cluster.servers[idx].restart_delay(&cluster.shared.config.fleet.restart);
-    myself.send_after(delay, move || SupervisorMsg::RestartServer(c, idx));
+    let epoch = cluster.epoch;
+    myself.send_after(delay, move || SupervisorMsg::RestartServer {
+        c,
+        idx,
+        epoch,
+    });
 }
 
-fn schedule_router_restart(myself: &ActorRef<SupervisorMsg>, cluster: &mut Cluster, c: usize) {
-    let delay = cluster
-        .router
-        .restart_delay(&cluster.shared.config.fleet.restart);
-    if cluster.router.backoff.in_a_row() <= 1 {
-        let _ = myself.cast(SupervisorMsg::RestartRouter(c));
+/// `came_up`: the router being replaced ran (it failed); `false` after a failed spawn,
+/// which counts as never having come up, so its backoff keeps growing.
+fn schedule_router_restart(
+    myself: &ActorRef<SupervisorMsg>,
+    cluster: &mut Cluster,
+    c: usize,
+    came_up: bool,
+) {
+    let cfg = &cluster.shared.config.fleet.restart;
+    let delay = if came_up {
+        cluster.router.restart_delay(cfg)
     } else {
-        myself.send_after(delay, move || SupervisorMsg::RestartRouter(c));
+        cluster.router.backoff.next_delay(None, cfg)
+    };
+    let epoch = cluster.epoch;
+    if came_up && cluster.router.backoff.in_a_row() <= 1 {
+        let _ = myself.cast(SupervisorMsg::RestartRouter { c, epoch });
+    } else {
+        myself.send_after(delay, move || SupervisorMsg::RestartRouter { c, epoch });
     }
 }
 
@@ -323,5 +358,6 @@ fn schedule_listener_restart(myself: &ActorRef<SupervisorMsg>, cluster: &mut Clu
     let delay = cluster
         .listener
         .restart_delay(&cluster.shared.config.fleet.restart);
-    myself.send_after(delay, move || SupervisorMsg::RestartListener(c));
+    let epoch = cluster.epoch;
+    myself.send_after(delay, move || SupervisorMsg::RestartListener { c, epoch });
 }

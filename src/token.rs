@@ -9,11 +9,13 @@ use crate::lsn::Lsn;
 /// timeline, and which WAL position.
 ///
 /// A read carrying a token is served only by a server that has *replayed* that
-/// position. Its text form is stable across versions and safe in cookies and headers:
-/// `v1.<system id, 16 hex digits>.<timeline, hex>.<LSN X/YYYYYYYY>`, e.g.
-/// `v1.6f1c2d3e4a5b6c7d.1.0/03000148`. The system id and the LSN's low half have fixed
+/// position. Its text form is safe in cookies and headers:
+/// `v2.<system id, 16 hex digits>.<timeline, hex>.<LSN X/YYYYYYYY>`, e.g.
+/// `v2.6f1c2d3e4a5b6c7d.1.0/03000148`. The system id and the LSN's low half have fixed
 /// widths, so a truncated token never parses as another (earlier) position; the LSN
-/// part is what `pg_lsn` accepts.
+/// part is what `pg_lsn` accepts. Parsing also accepts the `v1.` form of earlier
+/// versions (the same fields, variable widths), so tokens already handed out (cookies
+/// across an upgrade) keep working; every version reads the forms of the ones before.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Token {
     system_id: u64,
@@ -62,7 +64,7 @@ impl fmt::Display for Token {
         let lsn = self.lsn.as_u64();
         write!(
             f,
-            "v1.{:016x}.{:x}.{:X}/{:08X}",
+            "v2.{:016x}.{:x}.{:X}/{:08X}",
             self.system_id,
             self.timeline,
             lsn >> 32,
@@ -125,21 +127,29 @@ impl FromStr for Token {
             return Err(malformed("too long"));
         }
         let mut parts = s.splitn(4, '.');
-        if parts.next() != Some("v1") {
-            return Err(malformed("unknown version (expected v1.)"));
-        }
+        // v2 (written now) has fixed-width fields; v1 (written by earlier versions, still
+        // read) has variable-width ones.
+        let fixed = match parts.next() {
+            Some("v2") => true,
+            Some("v1") => false,
+            _ => return Err(malformed("unknown version (expected v2. or v1.)")),
+        };
         // Hexadecimal of `min..=max` digits.
         let hex = |p: Option<&str>, min: usize, max: usize, reason: &'static str| {
             p.filter(|p| (min..=max).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_hexdigit()))
                 .and_then(|p| u64::from_str_radix(p, 16).ok())
                 .ok_or(malformed(reason))
         };
-        let system_id = hex(
-            parts.next(),
-            16,
-            16,
-            "system id is not 16 hexadecimal digits",
-        )?;
+        let system_id = if fixed {
+            hex(
+                parts.next(),
+                16,
+                16,
+                "system id is not 16 hexadecimal digits",
+            )?
+        } else {
+            hex(parts.next(), 1, 16, "system id is not hexadecimal")?
+        };
         let timeline = hex(
             parts.next(),
             1,
@@ -154,9 +164,13 @@ impl FromStr for Token {
             .next()
             .ok_or(malformed("missing LSN"))?
             .split_once('/')
-            .ok_or(malformed("LSN is not X/YYYYYYYY hexadecimal"))?;
-        let hi = hex(Some(hi), 1, 8, "LSN is not X/YYYYYYYY hexadecimal")?;
-        let lo = hex(Some(lo), 8, 8, "LSN is not X/YYYYYYYY hexadecimal")?;
+            .ok_or(malformed("LSN is not X/Y hexadecimal"))?;
+        let hi = hex(Some(hi), 1, 8, "LSN is not X/Y hexadecimal")?;
+        let lo = if fixed {
+            hex(Some(lo), 8, 8, "LSN is not X/YYYYYYYY hexadecimal")?
+        } else {
+            hex(Some(lo), 1, 8, "LSN is not X/Y hexadecimal")?
+        };
         let lsn = Lsn((hi << 32) | lo);
         Ok(Token::new(system_id, timeline, lsn))
     }
@@ -183,13 +197,16 @@ mod tests {
     #[test]
     fn text_form_is_stable() {
         let t = Token::new(0x6f1c_2d3e_4a5b_6c7d, 1, Lsn(0x3000148));
-        assert_eq!(t.to_string(), "v1.6f1c2d3e4a5b6c7d.1.0/03000148");
-        assert_eq!("v1.6f1c2d3e4a5b6c7d.1.0/03000148".parse::<Token>(), Ok(t));
+        assert_eq!(t.to_string(), "v2.6f1c2d3e4a5b6c7d.1.0/03000148");
+        assert_eq!("v2.6f1c2d3e4a5b6c7d.1.0/03000148".parse::<Token>(), Ok(t));
+        // The v1 form earlier versions wrote (variable widths) still reads the same.
+        assert_eq!("v1.6f1c2d3e4a5b6c7d.1.0/3000148".parse::<Token>(), Ok(t));
+        assert_eq!("v1.7.1.0/1".parse::<Token>(), Ok(Token::new(7, 1, Lsn(1))));
         let t = Token::new(7, 0x1a, Lsn(0x16_B374_D848));
-        assert_eq!(t.to_string(), "v1.0000000000000007.1a.16/B374D848");
+        assert_eq!(t.to_string(), "v2.0000000000000007.1a.16/B374D848");
         assert_eq!(t.to_string().parse::<Token>(), Ok(t));
         // Lower-case hex is accepted too.
-        assert_eq!("v1.0000000000000007.1A.16/b374d848".parse::<Token>(), Ok(t));
+        assert_eq!("v2.0000000000000007.1A.16/b374d848".parse::<Token>(), Ok(t));
     }
 
     #[test]
@@ -210,14 +227,14 @@ mod tests {
             " v1.1.1.0/1",
             "v1.1.1.0/1 ",
             "v1.+1.1.0/1",
-            // Unpadded system id or low LSN half: what a truncation would look like.
-            "v1.6f1c2d3e4a5b6c7.1.0/03000148",
-            "v1.6f1c2d3e4a5b6c7d.1.0/3000148",
-            "v1.6f1c2d3e4a5b6c7d.1.0/0300014",
-            "v1.6f1c2d3e4a5b6c7d.1.0/030001480",
-            "v1.6f1c2d3e4a5b6c7d.1./03000148",
-            "v1.6f1c2d3e4a5b6c7d.1.100000000/03000148",
-            "v1.6f1c2d3e4a5b6c7d.1.0/+3000148",
+            // v2: unpadded system id or low LSN half (what a truncation would look like).
+            "v2.6f1c2d3e4a5b6c7.1.0/03000148",
+            "v2.6f1c2d3e4a5b6c7d.1.0/3000148",
+            "v2.6f1c2d3e4a5b6c7d.1.0/0300014",
+            "v2.6f1c2d3e4a5b6c7d.1.0/030001480",
+            "v2.6f1c2d3e4a5b6c7d.1./03000148",
+            "v2.6f1c2d3e4a5b6c7d.1.100000000/03000148",
+            "v2.6f1c2d3e4a5b6c7d.1.0/+3000148",
         ] {
             assert!(
                 matches!(bad.parse::<Token>(), Err(TokenError::Malformed { .. })),

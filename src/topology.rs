@@ -5,7 +5,7 @@
 //! `ArcSwap`; every lease reads it without locks. Nothing here does I/O.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::config::Strategy;
 use crate::lag::TimeLag;
@@ -97,6 +97,9 @@ pub(crate) struct ServerView {
     pub(crate) weight: u32,
     /// Round trip of the last probe.
     pub(crate) probe_latency: Option<Duration>,
+    /// When the probe behind the last successful report started (a report from a probe
+    /// started after some moment is news from after it).
+    pub(crate) probed_at: Option<Instant>,
     /// Estimated replay rate, bytes per second (for catch-up estimates).
     pub(crate) replay_rate: Option<f64>,
     /// `wal_block_size` and `wal_segment_size`, for token normalisation.
@@ -121,6 +124,7 @@ impl ServerView {
             postmaster_start_us: None,
             weight,
             probe_latency: None,
+            probed_at: None,
             replay_rate: None,
             wal_sizes: None,
         }

@@ -67,8 +67,9 @@ impl Fleet {
     /// of it triggers a fresh probe of the primary, and this waits (on topology
     /// publications, not by sleeping) until the primary's position reaches the token, at
     /// most twice `fleet.probe_timeout` (a probe already in flight, then the fresh one).
-    /// Only a token still ahead after that is refused. When no primary position is known
-    /// at all (starting up, primary down) the position cannot be judged and the token is
+    /// Only a token still ahead of a primary probe that started after this call is
+    /// refused. When no primary position is known at all (starting up, primary down), or
+    /// no fresh probe answers in time, the position cannot be judged and the token is
     /// accepted: reads carrying it are still served only by a server that has replayed
     /// it, or by the fallback.
     ///
@@ -79,50 +80,64 @@ impl Fleet {
     /// has not reached.
     pub async fn verify_token(&self, token: &Token) -> Result<(), TokenError> {
         self.check_token(token)?;
-        verify_position(&self.shared(), token).await
+        let shared = self.shared();
+        let deadline = Instant::now() + shared.config.fleet.probe_timeout * 2;
+        verify_position(&shared, token, deadline).await
     }
 }
 
-/// The position half of [`Fleet::verify_token`]: `Ok` unless `token` is still ahead of
-/// the primary after a fresh probe. The lease path calls it before a read carrying
-/// `token` falls back to the primary, so a forged position gets a typed error instead
-/// of a read that pretends to be after it.
-pub(crate) async fn verify_position(shared: &Arc<Shared>, token: &Token) -> Result<(), TokenError> {
+/// The position half of [`Fleet::verify_token`]: `Err` only when a primary probe that
+/// started after this call still shows `token` ahead of the primary. Waits at most until
+/// `deadline`; with no such probe by then (a slow or hung primary), the position cannot
+/// be judged and the token passes. The lease path calls it, with the lease's deadline,
+/// before a read carrying `token` falls back to the primary, so a forged position gets
+/// a typed error instead of a read that pretends to follow it.
+pub(crate) async fn verify_position(
+    shared: &Arc<Shared>,
+    token: &Token,
+    deadline: Instant,
+) -> Result<(), TokenError> {
     let idx = match judge(&shared.topology.load(), token) {
         Judgement::Reached | Judgement::Unknown => return Ok(()),
         Judgement::Ahead { idx, .. } => idx,
     };
+    let began = Instant::now();
     if let Some(slot) = shared.slots.get(idx) {
         slot.probe_now();
     }
-    let deadline = Instant::now() + shared.config.fleet.probe_timeout * 2;
-    let primary;
     loop {
         let notified = shared.changed.notified();
-        check_token(&shared.topology.load(), token)?;
-        // A statement of its own: the topology guard must not live across the wait.
-        let judgement = judge(&shared.topology.load(), token);
-        match judgement {
+        let topology = shared.topology.load();
+        check_token(&topology, token)?;
+        match judge(&topology, token) {
             Judgement::Reached | Judgement::Unknown => {
                 tracing::debug!(target: TARGET, %token, "token ahead of the cached primary position confirmed by a fresh probe");
                 return Ok(());
             }
-            Judgement::Ahead { primary: p, .. } => {
-                if tokio::time::timeout_at(deadline.into(), notified)
-                    .await
-                    .is_err()
-                {
-                    primary = p;
-                    break;
+            Judgement::Ahead { idx, primary } => {
+                let fresh = topology
+                    .servers
+                    .get(idx)
+                    .and_then(|v| v.probed_at)
+                    .is_some_and(|at| at >= began);
+                if fresh {
+                    tracing::debug!(target: TARGET, %token, %primary, "token ahead of the primary after a fresh probe");
+                    return Err(TokenError::AheadOfPrimary {
+                        primary,
+                        theirs: token.lsn(),
+                    });
                 }
             }
         }
+        drop(topology);
+        if tokio::time::timeout_at(deadline.into(), notified)
+            .await
+            .is_err()
+        {
+            tracing::debug!(target: TARGET, %token, "no fresh primary probe in time: the token's position cannot be judged");
+            return Ok(());
+        }
     }
-    tracing::debug!(target: TARGET, %token, %primary, "token ahead of the primary after a fresh probe");
-    Err(TokenError::AheadOfPrimary {
-        primary,
-        theirs: token.lsn(),
-    })
 }
 
 #[cfg(test)]

@@ -41,7 +41,7 @@ fn is_malformed(r: &Result<Token, TokenError>) -> bool {
 
 #[test]
 fn malformed_token_texts_are_typed_errors() {
-    let valid = "v1.6f1c2d3e4a5b6c7d.1.0/03000148";
+    let valid = "v2.6f1c2d3e4a5b6c7d.1.0/03000148";
     assert!(valid.parse::<Token>().is_ok());
     let long = format!("{valid}{}", "0".repeat(10_000));
     let garbage = [
@@ -50,26 +50,26 @@ fn malformed_token_texts_are_typed_errors() {
         "garbage",
         "null",
         "v1",
-        "v1.",
+        "v2.",
         "V1.6f1c2d3e4a5b6c7d.1.0/03000148",
-        "v1.6f1c2d3e4a5b6c7d.1.0/03000148.",
-        "v1.6f1c2d3e4a5b6c7d.1.0/03000148/1",
-        "v1.6f1c2d3e4a5b6c7d.1.0x0/03000148",
-        "v1.6f1c2d3e4a5b6c7d.-1.0/03000148",
-        "v1.-6f1c2d3e4a5b6c7d.1.0/03000148",
-        "v1.6f1c2d3e4a5b6c7d.0.0/03000148",
-        "v1.6f1c2d3e4a5b6c7d.100000000.0/03000148",
-        "v1.16f1c2d3e4a5b6c7d.1.0/03000148",
-        "v1.6f1c2d3e4a5b6c7d.1.100000000/0",
-        "v1.6f1c2d3e4a5b6c7d.1.0/100000000",
-        "v1.6f1c2d3e4a5b6c7d.1.g/1",
-        "v1.6f1c2d3e4a5b6c7d.1.0/03000148\0",
-        "v1.6f1c2d3e4a5b6c7d.1.０/3000148",
-        "v1.６f1c2d3e4a5b6c7d.1.0/03000148",
-        "v1.6f1c2d3e4a5b6c7d.1.0/03000148\n",
-        "v1.6f1c2d3e4a5b6c7d. 1.0/03000148",
-        "v1.6f1c2d3e4a5b6c7d.1 .0/03000148",
-        "\u{feff}v1.6f1c2d3e4a5b6c7d.1.0/03000148",
+        "v2.6f1c2d3e4a5b6c7d.1.0/03000148.",
+        "v2.6f1c2d3e4a5b6c7d.1.0/03000148/1",
+        "v2.6f1c2d3e4a5b6c7d.1.0x0/03000148",
+        "v2.6f1c2d3e4a5b6c7d.-1.0/03000148",
+        "v2.-6f1c2d3e4a5b6c7d.1.0/03000148",
+        "v2.6f1c2d3e4a5b6c7d.0.0/03000148",
+        "v2.6f1c2d3e4a5b6c7d.100000000.0/03000148",
+        "v2.16f1c2d3e4a5b6c7d.1.0/03000148",
+        "v2.6f1c2d3e4a5b6c7d.1.100000000/0",
+        "v2.6f1c2d3e4a5b6c7d.1.0/100000000",
+        "v2.6f1c2d3e4a5b6c7d.1.g/1",
+        "v2.6f1c2d3e4a5b6c7d.1.0/03000148\0",
+        "v2.6f1c2d3e4a5b6c7d.1.０/3000148",
+        "v2.６f1c2d3e4a5b6c7d.1.0/03000148",
+        "v2.6f1c2d3e4a5b6c7d.1.0/03000148\n",
+        "v2.6f1c2d3e4a5b6c7d. 1.0/03000148",
+        "v2.6f1c2d3e4a5b6c7d.1 .0/03000148",
+        "\u{feff}v2.6f1c2d3e4a5b6c7d.1.0/03000148",
         &long,
     ];
     for text in garbage {
@@ -145,7 +145,7 @@ async fn forged_tokens_get_typed_errors_or_safe_reads() -> anyhow::Result<()> {
     // pretends to follow it). `check_token` (no I/O) cannot know and lets it pass.
     let far = Lsn(real.lsn().as_u64() + (1 << 40));
     let forged_text = format!(
-        "v1.{:016x}.{:x}.FFFFFFFF/FFFFFFFF",
+        "v2.{:016x}.{:x}.FFFFFFFF/FFFFFFFF",
         real.system_id(),
         real.timeline()
     );

@@ -63,7 +63,7 @@ async fn token_names_the_committed_write() -> anyhow::Result<()> {
         assert_eq!(token.timeline(), timeline);
 
         let text = token.to_string();
-        assert!(text.starts_with("v1."), "{text}");
+        assert!(text.starts_with("v2."), "{text}");
         assert_eq!(
             text.parse::<Token>(),
             Ok(token),
@@ -265,7 +265,7 @@ fn garbage_token_text_is_an_error() -> anyhow::Result<()> {
         }
     }
     // And a valid one parses, for contrast.
-    let t: Token = "v1.6f1c2d3e4a5b6c7d.1.0/03000148".parse()?;
+    let t: Token = "v2.6f1c2d3e4a5b6c7d.1.0/03000148".parse()?;
     assert_eq!(
         (t.system_id(), t.timeline(), t.lsn()),
         (0x6f1c2d3e4a5b6c7d, 1, Lsn(0x3000148))

@@ -1,10 +1,10 @@
 //! Signed tokens: the wire form of a session token in a cookie or header.
 //!
 //! `<token text>.<MAC>`, where the token text is [`Token`]'s stable form
-//! (`v1.<system id>.<timeline>.<LSN X/YYYYYYYY>`) and the MAC is HMAC-SHA256 over
+//! (`v2.<system id>.<timeline>.<LSN X/YYYYYYYY>`) and the MAC is HMAC-SHA256 over
 //! `"pgfleet-token\n" || <token text>`, in unpadded base64url (43 characters). Every
 //! character is allowed in a cookie value and a header value without quoting, e.g.
-//! `v1.6f1c2d3e4a5b6c7d.1.0/03000148.Xk3...` (at most 108 characters).
+//! `v2.6f1c2d3e4a5b6c7d.1.0/03000148.Xk3...` (at most 108 characters).
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
@@ -167,7 +167,7 @@ mod tests {
         let s = signer(&[K1]);
         let wire = s.sign(&token());
         let (text, mac) = wire.rsplit_once('.').expect("has a mac");
-        assert_eq!(text, "v1.6f1c2d3e4a5b6c7d.1.0/03000148");
+        assert_eq!(text, "v2.6f1c2d3e4a5b6c7d.1.0/03000148");
         assert_eq!(mac.len(), 43);
         assert!(wire.len() <= MAX_WIRE_LEN);
         // Cookie-octet and header-value safe: no quoting needed.
@@ -192,6 +192,26 @@ mod tests {
         );
         // The rotated signer signs with its first key.
         assert_eq!(rotated.sign(&token()), new_only.sign(&token()));
+    }
+
+    /// A cookie signed by an earlier version (token text `v1.`, variable widths) still
+    /// verifies after an upgrade: the MAC covers the text as sent.
+    #[test]
+    fn tokens_signed_in_the_v1_form_still_verify() {
+        let text = "v1.6f1c2d3e4a5b6c7d.1.0/3000148";
+        let mut mac =
+            <HmacSha256 as KeyInit>::new_from_slice(K1.as_bytes()).expect("any key length");
+        mac.update(CONTEXT);
+        mac.update(text.as_bytes());
+        let wire = format!(
+            "{text}.{}",
+            URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
+        );
+        assert_eq!(signer(&[K1]).verify(&wire), Ok(token()));
+        assert_eq!(
+            signer(&[K2]).verify(&wire),
+            Err(SignedTokenError::BadSignature)
+        );
     }
 
     #[test]
