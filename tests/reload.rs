@@ -197,3 +197,62 @@ async fn a_lease_waiting_during_a_reload_carries_on_in_the_new_generation() -> a
     fleet.shutdown().await;
     Ok(())
 }
+
+/// A server's restart timer that fires after a reload removed that server starts
+/// nothing, and the supervisor keeps supervising: the timer carries the generation it
+/// was set for (it used to index the new, shorter server list).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_timer_from_before_a_reload_is_ignored() -> anyhow::Result<()> {
+    common::trace();
+    let cluster = LocalCluster::shared().await?;
+    let min_backoff = Duration::from_millis(800);
+    let with_backoff = |both: bool| {
+        let mut c = config(cluster, both, 1, 1);
+        c.fleet.restart.min_backoff = min_backoff;
+        c
+    };
+    let fleet = common::start(with_backoff(true)).await;
+    assert!(
+        fleet.debug_fail_server("replica2"),
+        "the hook reached replica2"
+    );
+    let failed_at = std::time::Instant::now();
+    common::wait_for(
+        "replica2 to be restarting",
+        Duration::from_secs(5),
+        || async {
+            fleet
+                .status()
+                .server("replica2")
+                .is_some_and(|s| s.health == pgfleet::Health::Restarting)
+        },
+    )
+    .await;
+    // replica2 (the last server) goes away while its restart timer runs.
+    let report = fleet.reload(with_backoff(false)).await?;
+    assert_eq!(report.removed, vec!["replica2".to_owned()], "{report:?}");
+    // The timer's delay is at most min_backoff: let it fire (a known deadline, not a
+    // guess at a condition).
+    tokio::time::sleep_until((failed_at + min_backoff + Duration::from_millis(300)).into()).await;
+
+    // The supervisor is alive and supervising: a failed router is replaced.
+    let old = fleet.router().await?.get_id();
+    assert!(fleet.debug_fail_router());
+    let f = fleet.clone();
+    common::wait_for("a new router", Duration::from_secs(5), || {
+        let f = f.clone();
+        async move { f.router().await.is_ok_and(|r| r.get_id() != old) }
+    })
+    .await;
+    let status = fleet.status();
+    assert!(status.server("replica2").is_none(), "{status}");
+    let w = fleet.lease(Intent::Write).await?;
+    assert_eq!(w.server(), "primary");
+    drop(w);
+    assert_eq!(
+        servers_of_reads(&fleet, 10).await?,
+        BTreeSet::from(["replica1".to_owned()])
+    );
+    fleet.shutdown().await;
+    Ok(())
+}
