@@ -341,11 +341,14 @@ fn schedule_router_restart(
     came_up: bool,
 ) {
     let cfg = &cluster.shared.config.fleet.restart;
+    // Capped at a second: while no router runs the published snapshot is frozen (lags
+    // age unseen), so a failing router is retried at least that often.
     let delay = if came_up {
         cluster.router.restart_delay(cfg)
     } else {
         cluster.router.backoff.next_delay(None, cfg)
-    };
+    }
+    .min(Duration::from_secs(1));
     let epoch = cluster.epoch;
     if came_up && cluster.router.backoff.in_a_row() <= 1 {
         let _ = myself.cast(SupervisorMsg::RestartRouter { c, epoch });
