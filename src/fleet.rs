@@ -153,6 +153,10 @@ impl Drop for TreeGuard {
     }
 }
 
+/// How long `shutdown` still waits for the actors to stop when draining leases used up
+/// its whole timeout.
+const STOP_GRACE: Duration = Duration::from_millis(250);
+
 impl Fleet {
     /// Validates `config`, spawns the supervisor, router and server actors, and returns
     /// at once: servers connect in the background, begin unhealthy, and join rotation on
@@ -471,9 +475,10 @@ impl Fleet {
         }
     }
 
-    /// Stops taking leases, waits for outstanding ones to be returned (at most
-    /// `fleet.shutdown_timeout`), closes the pools and stops the actor tree — of every
-    /// cluster, whichever cluster's handle it is called on. Later leases fail with
+    /// Stops taking leases, waits for outstanding ones to be returned, closes the pools
+    /// and stops the actor tree — of every cluster, whichever cluster's handle it is
+    /// called on — all within `fleet.shutdown_timeout` (plus at most 250 ms for the
+    /// actors to stop when draining took all of it). Later leases fail with
     /// [`Error::ShuttingDown`]. Returns how many leases were still out when it gave up
     /// waiting.
     pub async fn shutdown(&self) -> u64 {
@@ -511,13 +516,13 @@ impl Fleet {
         }
         let sup = self.guard.supervisor.clone();
         let _ = sup.cast(SupervisorMsg::Shutdown);
-        let stop_wait = Duration::from_secs(2);
-        let _ = tokio::time::timeout(stop_wait, async {
-            while sup.get_status() != ractor::ActorStatus::Stopped {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-        .await;
+        // What is left of the timeout, and a moment even when draining used it all up.
+        let stop_wait = deadline
+            .saturating_duration_since(Instant::now())
+            .max(STOP_GRACE);
+        if sup.get_cell().wait(Some(stop_wait)).await.is_err() {
+            tracing::warn!(target: TARGET, ?stop_wait, "actors still stopping when shutdown returned");
+        }
         left
     }
 
