@@ -541,6 +541,17 @@ impl Fleet {
             .unwrap_or(false)
     }
 
+    /// Test hook: how many server restart timers fired after a reload replaced the
+    /// generation they were scheduled for (and so started nothing), as the current
+    /// generation counted them.
+    #[doc(hidden)]
+    pub fn debug_stale_restarts(&self) -> u64 {
+        self.shared()
+            .counters
+            .stale_restarts
+            .load(Ordering::Relaxed)
+    }
+
     /// Test hook: make the router fail as if it crashed.
     #[doc(hidden)]
     pub fn debug_fail_router(&self) -> bool {

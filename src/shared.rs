@@ -177,7 +177,7 @@ impl ServerSlot {
     }
 }
 
-/// Fleet-wide counters for read-your-writes.
+/// Fleet-wide counters: read-your-writes, and restart timers a reload outdated.
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
     /// Read-after-token leases served by a replica.
@@ -188,6 +188,9 @@ pub(crate) struct Counters {
     pub(crate) ryw_waited: AtomicU64,
     /// Read-after-token leases refused (error fallback, too many waiters).
     pub(crate) ryw_refused: AtomicU64,
+    /// Restart timers that fired after a reload replaced the generation they were
+    /// scheduled for, and so started nothing.
+    pub(crate) stale_restarts: AtomicU64,
 }
 
 /// Everything the handles, leases and actors share.

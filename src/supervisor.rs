@@ -126,9 +126,15 @@ impl Actor for Supervisor {
                     return Ok(());
                 };
                 // Meant for a generation a reload replaced, or already running.
-                if cluster.epoch != epoch
-                    || cluster.servers.get(idx).is_none_or(|s| s.cell.is_some())
-                {
+                if cluster.epoch != epoch {
+                    cluster
+                        .shared
+                        .counters
+                        .stale_restarts
+                        .fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+                if cluster.servers.get(idx).is_none_or(|s| s.cell.is_some()) {
                     return Ok(());
                 }
                 let slot = &cluster.shared.slots[idx];
