@@ -89,8 +89,24 @@ impl Session {
     /// have seen (each release reads its server's position on its connection, after the
     /// lease is dropped); waits at most `fleet.lease_timeout` for those. This, not
     /// [`Session::token`], is the token to hand to a later request.
+    ///
+    /// When a release could not read its bound (its connection broke), the mark alone
+    /// would understate what the session saw, and a later request resuming from it could
+    /// read back in time. The bound is then the primary's position from a fresh probe
+    /// (no replica has replayed past it), waited for at most twice `fleet.probe_timeout`;
+    /// without one (no primary), the mark is returned as it is and this session's next
+    /// read still goes to the primary.
     pub async fn settled_token(&self) -> Option<Token> {
         self.wait_released().await;
+        // Taken, not read: a release failing meanwhile sets it again.
+        if self.inner.unknown.swap(false, Ordering::AcqRel) {
+            let shared = self.cell.current.load_full();
+            let deadline = Instant::now() + shared.config.fleet.probe_timeout * 2;
+            match crate::verify::fresh_primary_bound(&shared, deadline).await {
+                Some(bound) => self.inner.advance(bound),
+                None => self.inner.unknown.store(true, Ordering::Release),
+            }
+        }
         self.token()
     }
 

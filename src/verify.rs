@@ -140,6 +140,33 @@ pub(crate) async fn verify_position(
     }
 }
 
+/// A fresh upper bound of everything any server of the cluster has shown so far: the
+/// primary's position from a probe that started after this call (a replica's replay
+/// position never passes its primary's). `None` when there is no primary, or no such
+/// probe answers by `deadline`.
+pub(crate) async fn fresh_primary_bound(shared: &Arc<Shared>, deadline: Instant) -> Option<Token> {
+    let began = Instant::now();
+    let idx = shared.topology.load().primary_index()?;
+    shared.slots.get(idx)?.probe_now();
+    loop {
+        let notified = shared.changed.notified();
+        {
+            let topology = shared.topology.load();
+            // The primary the probe was asked of, still primary, probed since `began`.
+            if topology.primary_index() != Some(idx) {
+                return None;
+            }
+            let view = topology.servers.get(idx)?;
+            if view.probed_at.is_some_and(|at| at >= began) {
+                return Some(Token::new(topology.system_id?, view.timeline?, view.lsn?));
+            }
+        }
+        tokio::time::timeout_at(deadline.into(), notified)
+            .await
+            .ok()?;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,13 +2,14 @@
 //! (and the refusal re-probes the server);
 //! a connection released inside an open or failed transaction is never handed to the
 //! next lease with that transaction still open; a lease derefs mutably, so
-//! `transaction()` works.
+//! `transaction()` works; a session lease released on a broken connection (no upper
+//! bound of what it saw) settles to the primary's position, not to less.
 
 mod common;
 
 use std::time::Duration;
 
-use pgfleet::{Error, Intent, Role};
+use pgfleet::{Consistency, Error, Intent, Role};
 use pgfleet_testkit::tokio_postgres::SimpleQueryMessage;
 use pgfleet_testkit::LocalCluster;
 
@@ -271,5 +272,60 @@ async fn lease_transactions_commit_and_roll_back() -> anyhow::Result<()> {
     r.batch_execute(&format!("DROP TABLE {table}")).await?;
     drop(r);
     tokio::time::timeout(Duration::from_secs(10), fleet.shutdown()).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_release_on_a_broken_connection_settles_to_the_primary() -> anyhow::Result<()> {
+    common::trace();
+    let cluster = LocalCluster::shared().await?;
+    let fleet = common::fast_fleet(cluster).await;
+    let table = common::table("hyg_bound");
+
+    let session = fleet.session();
+    let read = session.lease(Intent::Read(Consistency::Eventual)).await?;
+    let pid: i32 = read.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
+    let node = cluster
+        .nodes()
+        .find(|n| n.name() == read.server())
+        .expect("the lease's server is a cluster node");
+    let su = cluster.superuser_client(node).await?;
+    let terminated: bool = su
+        // With a timeout: returns once the backend has exited.
+        .query_one("SELECT pg_terminate_backend($1, 5000)", &[&pid])
+        .await?
+        .get(0);
+    assert!(terminated, "backend {pid} on {} terminated", node.name());
+    // Released on a dead connection: the release cannot read what the read saw.
+    drop(read);
+
+    // The cluster moves on (a write made elsewhere).
+    let mut w = fleet.lease(Intent::Write).await?;
+    w.batch_execute(&format!("CREATE TABLE {table} (id int4)"))
+        .await?;
+    let after = w.commit_token().await?;
+    drop(w);
+
+    // The settled token bounds what the read may have seen by the primary's position,
+    // probed after the release: at or past every write acknowledged before.
+    let settled = session
+        .settled_token()
+        .await
+        .expect("a bound from a fresh primary probe");
+    assert!(
+        settled.lsn() >= after.lsn(),
+        "settled at {settled}, behind the write at {after}"
+    );
+    // A request resuming from it reads that write.
+    let (resumed, rejected) = fleet.session_from(settled);
+    assert!(rejected.is_none(), "{rejected:?}");
+    let r = resumed.lease(Intent::read()).await?;
+    let n: i64 = r
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await?
+        .get(0);
+    assert_eq!(n, 0, "the table exists on {}", r.server());
+    drop(r);
+    fleet.shutdown().await;
     Ok(())
 }
