@@ -22,7 +22,9 @@ use crate::shared::{Counters, RoleWeights, ServerSlot, Shared};
 use crate::status::{ServerStatus, Status};
 use crate::supervisor::{Supervisor, SupervisorMsg};
 use crate::token::{Token, TokenError};
-use crate::topology::{place_token, select, MaybeLost, PrimaryState, ReadNeed, Role, Topology};
+use crate::topology::{
+    place_token, select, MaybeLost, PrimaryState, ReadNeed, Role, Topology, Within,
+};
 use tracing::Instrument;
 
 const TARGET: &str = "pgfleet::lease";
@@ -646,7 +648,7 @@ impl Need {
             Need::Strong => IntentLabel::Strong,
             Need::Read(ReadNeed::Eventual) => IntentLabel::Eventual,
             Need::Read(ReadNeed::MaxStaleness(_)) => IntentLabel::Bounded,
-            Need::Read(ReadNeed::After(_)) => IntentLabel::Ryw,
+            Need::Read(ReadNeed::After(..)) => IntentLabel::Ryw,
         }
     }
 
@@ -674,7 +676,8 @@ pub(crate) async fn lease_on(
         return Err(Error::ShuttingDown);
     }
     let start = Instant::now();
-    let (need, ignored_token) = resolve_need(&shared, intent).inspect_err(|e| {
+    let floor = session.as_ref().and_then(|s| s.mark());
+    let (need, ignored_token) = resolve_need(&shared, intent, floor).inspect_err(|e| {
         metrics::lease_error(&shared.cluster, Need::label_of(intent), e.kind());
     })?;
     // The common case, decided from the snapshot with one timer-free checkout, or one
@@ -787,42 +790,75 @@ fn others_can_serve(shared: &Shared, need: &Need, idx: usize) -> bool {
     }
 }
 
-/// Resolves the intent against the config and checks a token.
-fn resolve_need(shared: &Shared, intent: Intent) -> Result<(Need, Option<TokenError>), Error> {
+/// Resolves the intent against the config and checks its token. `floor` is a session's
+/// high-water mark: a session's eventual and bounded reads must also have replayed it
+/// (keeping their own lag bound), and its read-after-token reads the later of the two.
+fn resolve_need(
+    shared: &Shared,
+    intent: Intent,
+    floor: Option<Token>,
+) -> Result<(Need, Option<TokenError>), Error> {
     let cfg = &shared.config;
-    let need = match intent {
-        Intent::Write => Need::Write,
+    let (given, within) = match intent {
+        Intent::Write => return Ok((Need::Write, None)),
         Intent::Read(c) => match c {
-            Consistency::Strong => Need::Strong,
-            Consistency::Default => match cfg.consistency.default_read {
-                DefaultRead::Strong => Need::Strong,
-                _ => Need::Read(ReadNeed::Eventual),
-            },
-            Consistency::Eventual => Need::Read(ReadNeed::Eventual),
-            Consistency::MaxStaleness(d) => Need::Read(ReadNeed::MaxStaleness(d)),
-            Consistency::AfterLsn(token) => {
-                let topo = shared.topology.load();
-                match check_token(&topo, &token) {
-                    Ok(()) => match place_token(topo.primary_timeline(), &topo.switches, &token) {
-                        Ok(placed) => Need::Read(ReadNeed::After(placed)),
-                        Err(MaybeLost { current }) => {
-                            return Err(Error::WriteMayBeLost {
-                                token_lsn: token.lsn(),
-                                token_timeline: token.timeline(),
-                                current_timeline: current,
-                            })
-                        }
-                    },
-                    Err(e @ TokenError::ForeignSystem { .. }) => {
-                        tracing::debug!(target: TARGET, error = %e, "ignoring token of another cluster");
-                        return Ok((Need::Read(ReadNeed::Eventual), Some(e)));
-                    }
-                    Err(e) => return Err(e.into()),
-                }
+            Consistency::Strong => return Ok((Need::Strong, None)),
+            Consistency::Default if cfg.consistency.default_read == DefaultRead::Strong => {
+                return Ok((Need::Strong, None))
             }
+            Consistency::Default | Consistency::Eventual => (None, Within::Eventual),
+            Consistency::MaxStaleness(d) => (None, Within::Staleness(d)),
+            Consistency::AfterLsn(token) => (Some(token), Within::Any),
         },
     };
-    Ok((need, None))
+    if given.is_none() && floor.is_none() {
+        return Ok((Need::Read(bound_only(within)), None));
+    }
+    let topo = shared.topology.load();
+    let mut ignored = None;
+    let mut ours = |token: Option<Token>| -> Result<Option<Token>, Error> {
+        let Some(token) = token else {
+            return Ok(None);
+        };
+        match check_token(&topo, &token) {
+            Ok(()) => Ok(Some(token)),
+            Err(e @ TokenError::ForeignSystem { .. }) => {
+                tracing::debug!(target: TARGET, error = %e, "ignoring token of another cluster");
+                ignored = Some(e);
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
+        }
+    };
+    let given = ours(given)?;
+    let floor = ours(floor)?;
+    let token = match (given, floor) {
+        (Some(t), Some(f)) if t.system_id() == f.system_id() => t.max(f),
+        (Some(t), _) | (None, Some(t)) => t,
+        (None, None) => return Ok((Need::Read(bound_only(within)), ignored)),
+    };
+    let placed = place(&topo, &token)?;
+    Ok((Need::Read(ReadNeed::After(placed, within)), ignored))
+}
+
+/// The read need of a lag bound with no token to follow.
+fn bound_only(within: Within) -> ReadNeed {
+    match within {
+        Within::Staleness(d) => ReadNeed::MaxStaleness(d),
+        Within::Any | Within::Eventual => ReadNeed::Eventual,
+    }
+}
+
+/// Places `token` in the history of `topo`'s primary timeline (see [`place_token`]):
+/// rebased onto it, or [`Error::WriteMayBeLost`].
+fn place(topo: &Topology, token: &Token) -> Result<Token, Error> {
+    place_token(topo.primary_timeline(), &topo.switches, token).map_err(|MaybeLost { current }| {
+        Error::WriteMayBeLost {
+            token_lsn: token.lsn(),
+            token_timeline: token.timeline(),
+            current_timeline: current,
+        }
+    })
 }
 
 /// The server the snapshot says serves `need` right now, without waiting: its index,
@@ -871,7 +907,7 @@ fn grant(
     if fallback {
         slot.fallbacks.fetch_add(1, Ordering::Relaxed);
     }
-    if let Need::Read(ReadNeed::After(_)) = need {
+    if let Need::Read(ReadNeed::After(..)) = need {
         let c = &shared.counters;
         if role == Role::Replica {
             &c.ryw_on_replica
@@ -927,7 +963,7 @@ async fn lease_slow(
 async fn lease_wait(
     shared: &Arc<Shared>,
     intent: Intent,
-    need: Need,
+    mut need: Need,
     session: Option<Arc<SessionInner>>,
     ignored_token: Option<TokenError>,
     start: Instant,
@@ -953,6 +989,12 @@ async fn lease_wait(
             return Err(Error::ShuttingDown);
         }
         let topo = shared.topology.load();
+        // The token is placed again in this snapshot's history: a promotion while the
+        // lease waited (or no primary known when it was first placed) must not let a
+        // write of a lost history be read as present, on a replica or on the primary.
+        if let Need::Read(ReadNeed::After(token, within)) = need {
+            need = Need::Read(ReadNeed::After(place(&topo, &token)?, within));
+        }
         let (idx, fallback, write_pool) = match need {
             Need::Write | Need::Strong => {
                 match primary_or_wait(shared, &topo, start, deadline).await? {
@@ -973,7 +1015,7 @@ async fn lease_wait(
                     Some(i) => (i, false, false),
                     None => {
                         let reply = match rn {
-                            ReadNeed::After(token) if !waited_for_replica => {
+                            ReadNeed::After(token, _) if !waited_for_replica => {
                                 waited_for_replica = true;
                                 let asked = Instant::now();
                                 let until = deadline.min(asked + cfg.consistency.ryw_wait);
@@ -997,9 +1039,10 @@ async fn lease_wait(
                             _ => fallback_estimate(&topo, &rn),
                         };
                         match reply {
-                            WaitReply::Serve(i) if !excluded.get(i).copied().unwrap_or(false) => {
-                                (i, false, false)
-                            }
+                            // Decided again from the snapshot the router answered from, or a
+                            // newer one: the role and postmaster start checked below must be
+                            // those of now, not of before the wait.
+                            WaitReply::Serve(_) => continue,
                             WaitReply::TooMany(n) => {
                                 shared.counters.ryw_refused.fetch_add(1, Ordering::Relaxed);
                                 return Err(Error::TooManyWaiters { waiting: n });
@@ -1009,10 +1052,10 @@ async fn lease_wait(
                             // a lost history) gets a typed error, judged on a fresh primary
                             // probe, rather than a read that pretends to follow it.
                             WaitReply::Fallback { .. }
-                                if !verified && matches!(rn, ReadNeed::After(_)) =>
+                                if !verified && matches!(rn, ReadNeed::After(..)) =>
                             {
                                 verified = true;
-                                if let ReadNeed::After(token) = rn {
+                                if let ReadNeed::After(token, _) = rn {
                                     drop(topo);
                                     crate::verify::verify_position(shared, &token, deadline)
                                         .await?;
@@ -1093,6 +1136,7 @@ async fn lease_wait(
                     // The primary is unreachable; wait for the topology to move.
                     wait_change(
                         shared,
+                        None,
                         deadline.min(Instant::now() + cfg.fleet.probe_interval),
                     )
                     .await;
@@ -1116,11 +1160,19 @@ fn void(shared: &Shared, idx: usize) {
     }
 }
 
-async fn wait_change(shared: &Shared, until: Instant) {
-    // Registered before the check: a reload's wake-up cannot fall in between.
+/// Waits until the topology is published again (or a reload replaced this generation),
+/// at most until `until`. With `seen`, the snapshot the caller decided from, returns at
+/// once when a newer one was published since.
+async fn wait_change(shared: &Shared, seen: Option<&Topology>, until: Instant) {
+    // Registered before the checks: a publish or a reload's wake-up cannot fall between.
     let notified = shared.changed.notified();
     if shared.successor.load().is_some() {
         return;
+    }
+    if let Some(seen) = seen {
+        if !std::ptr::eq(seen, &**shared.topology.load()) {
+            return;
+        }
     }
     let _ = tokio::time::timeout_at(until.into(), notified).await;
 }
@@ -1142,7 +1194,7 @@ async fn primary_or_wait(
             if Instant::now() >= deadline {
                 return Err(shared.no_primary(start.elapsed()));
             }
-            wait_change(shared, deadline).await;
+            wait_change(shared, Some(topo), deadline).await;
             if shared.successor.load().is_some() {
                 return Ok(None);
             }
@@ -1156,7 +1208,7 @@ async fn primary_or_wait(
 
 fn fallback_estimate(topo: &Topology, need: &ReadNeed) -> WaitReply {
     let target = match need {
-        ReadNeed::After(t) => Some(t.lsn()),
+        ReadNeed::After(t, _) => Some(t.lsn()),
         _ => topo.primary_lsn,
     };
     let best = topo
@@ -1197,7 +1249,7 @@ async fn ask_router(shared: &Shared, token: Token, until: Instant) -> WaitReply 
             if Instant::now() >= until {
                 return fallback;
             }
-            wait_change(shared, until).await;
+            wait_change(shared, None, until).await;
             continue;
         };
         let remaining = until.saturating_duration_since(Instant::now());
@@ -1219,6 +1271,7 @@ async fn ask_router(shared: &Shared, token: Token, until: Instant) -> WaitReply 
                 // Router died mid-call; its successor may answer.
                 wait_change(
                     shared,
+                    None,
                     until.min(Instant::now() + Duration::from_millis(20)),
                 )
                 .await;

@@ -15,7 +15,9 @@ use crate::lsn::Lsn;
 use crate::server::ServerReport;
 use crate::shared::Shared;
 use crate::token::Token;
-use crate::topology::{select, smooth_rr_sequence, Health, PrimaryState, ReadNeed, Role, Topology};
+use crate::topology::{
+    select, smooth_rr_sequence, Health, PrimaryState, ReadNeed, Role, Topology, Within,
+};
 
 const TARGET: &str = "pgfleet::router";
 
@@ -620,7 +622,7 @@ impl RouterState {
     }
 
     fn pick_replica(&self, topo: &Topology, token: &Token) -> Option<usize> {
-        let need = ReadNeed::After(*token);
+        let need = ReadNeed::After(*token, Within::Any);
         select(
             self.shared.config.fleet.strategy,
             &topo.weights,

@@ -73,7 +73,7 @@ impl SessionInner {
         self.released.notify_waiters();
     }
 
-    fn mark(&self) -> Option<Token> {
+    pub(crate) fn mark(&self) -> Option<Token> {
         self.mark.lock().ok().and_then(|m| *m)
     }
 }
@@ -137,8 +137,11 @@ impl Session {
     /// Leases a connection for `intent` within this session: reads see the session's
     /// writes and never go back in time; writes advance the mark when released.
     ///
-    /// Reads become read-after-mark (the stronger of the mark and any token given);
-    /// `Strong` reads and writes go to the primary as usual.
+    /// A read is served by a server that has replayed the mark (for `AfterLsn`, the later
+    /// of the mark and the token given) and still keeps its own bound: an `Eventual` read
+    /// goes to a replica within `max_lag_bytes` and `max_lag` that has replayed the mark,
+    /// a `MaxStaleness(d)` read to one within `d`, else to the fallback. `Default` follows
+    /// `consistency.default_read`; `Strong` reads and writes go to the primary as usual.
     ///
     /// # Errors
     ///
@@ -147,23 +150,14 @@ impl Session {
         let shared = self.cell.current.load_full();
         // The previous lease's upper bound must be in the mark before routing.
         self.wait_released().await;
+        // The mark joins the read's own need in `lease_on`: an eventual or bounded read
+        // keeps its lag bound and must also have replayed the mark. Without a known
+        // bound (a release could not read one), the next read goes to the primary.
         let intent = match intent {
-            Intent::Read(c) if c != Consistency::Strong => {
-                if self.inner.unknown.swap(false, Ordering::AcqRel) {
-                    Intent::Read(Consistency::Strong)
-                } else {
-                    let given = match c {
-                        Consistency::AfterLsn(t) => Some(t),
-                        _ => None,
-                    };
-                    match (self.inner.mark(), given) {
-                        (Some(m), Some(t)) if m.system_id() == t.system_id() => {
-                            Intent::read_after(&m.max(t))
-                        }
-                        (Some(m), _) => Intent::read_after(&m),
-                        (None, _) => intent,
-                    }
-                }
+            Intent::Read(c)
+                if c != Consistency::Strong && self.inner.unknown.swap(false, Ordering::AcqRel) =>
+            {
+                Intent::Read(Consistency::Strong)
             }
             other => other,
         };

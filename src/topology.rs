@@ -179,8 +179,20 @@ pub(crate) enum ReadNeed {
     Eventual,
     /// Time lag at most this.
     MaxStaleness(Duration),
-    /// Has replayed the token (and is within bounds of nothing else).
-    After(Token),
+    /// Has replayed the token, and is as fresh as `Within` asks besides (a session's
+    /// eventual or bounded read keeps its bound on top of the session's mark).
+    After(Token, Within),
+}
+
+/// The lag bound a read-after-token keeps besides the token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Within {
+    /// None: the token alone (an explicit `AfterLsn` read).
+    Any,
+    /// `max_lag_bytes` and `max_lag`, as an eventual read.
+    Eventual,
+    /// Time lag at most this, as a bounded-staleness read.
+    Staleness(Duration),
 }
 
 impl Topology {
@@ -212,24 +224,33 @@ impl Topology {
             // A primary in read rotation is always fresh, but a token from another
             // timeline must still be checked against the timeline.
             Role::Primary => match need {
-                ReadNeed::After(t) => {
+                ReadNeed::After(t, _) => {
                     self.primary == PrimaryState::Known(i) && s.timeline == Some(t.timeline())
                 }
                 _ => self.primary == PrimaryState::Known(i),
             },
             Role::Replica => match need {
-                ReadNeed::Eventual => {
-                    s.lag_bytes.is_some_and(|b| b <= self.max_lag_bytes)
-                        && s.lag.within(self.max_lag)
-                }
+                ReadNeed::Eventual => self.lag_within(s, Within::Eventual),
                 ReadNeed::MaxStaleness(d) => s.fresh && s.lsn.is_some() && s.lag.within(*d),
-                ReadNeed::After(t) => {
+                ReadNeed::After(t, within) => {
                     s.fresh
                         && s.timeline == Some(t.timeline())
                         && s.lsn.is_some_and(|l| l >= t.lsn())
+                        && self.lag_within(s, *within)
                 }
             },
             Role::Unknown => false,
+        }
+    }
+
+    /// Whether replica view `s` is as fresh as `within` asks.
+    fn lag_within(&self, s: &ServerView, within: Within) -> bool {
+        match within {
+            Within::Any => true,
+            Within::Eventual => {
+                s.lag_bytes.is_some_and(|b| b <= self.max_lag_bytes) && s.lag.within(self.max_lag)
+            }
+            Within::Staleness(d) => s.lag.within(d),
         }
     }
 
@@ -441,12 +462,33 @@ mod tests {
         let needs = [
             ReadNeed::Eventual,
             ReadNeed::MaxStaleness(Duration::from_secs(1)),
-            ReadNeed::After(token),
+            ReadNeed::After(token, Within::Any),
+            ReadNeed::After(token, Within::Eventual),
         ];
         let mut t = served_replica();
         assert!(needs.iter().all(|n| t.can_serve(1, n)));
         t.servers[1].suspect = true;
         assert!(needs.iter().all(|n| !t.can_serve(1, n)));
+    }
+
+    #[test]
+    fn a_read_after_a_token_keeps_its_lag_bound() {
+        let token = Token::new(1, 1, Lsn(50));
+        let mut t = served_replica();
+        // Past the token, but 6 s and 32 MiB behind the primary (the bounds: 5 s, 16 MiB).
+        t.servers[1].lag = TimeLag::AtMost(Duration::from_secs(6));
+        t.servers[1].lag_bytes = Some(32 << 20);
+        assert!(t.can_serve(1, &ReadNeed::After(token, Within::Any)));
+        assert!(!t.can_serve(1, &ReadNeed::After(token, Within::Eventual)));
+        let staleness = |d| ReadNeed::After(token, Within::Staleness(Duration::from_secs(d)));
+        assert!(!t.can_serve(1, &staleness(1)));
+        assert!(t.can_serve(1, &staleness(7)));
+        // Within bounds but short of the token: no.
+        t.servers[1].lag_bytes = Some(0);
+        t.servers[1].lag = TimeLag::AtMost(Duration::ZERO);
+        let later = Token::new(1, 1, Lsn(101));
+        assert!(!t.can_serve(1, &ReadNeed::After(later, Within::Eventual)));
+        assert!(t.can_serve(1, &ReadNeed::After(token, Within::Eventual)));
     }
 
     #[test]

@@ -20,7 +20,10 @@ async fn writes_follow_a_promotion_and_tokens_past_the_switch_point_are_refused(
 ) -> anyhow::Result<()> {
     common::trace();
     let cluster = LocalCluster::builder().replicas(2).start().await?;
-    let config = common::config(&cluster, &tables(), |_| {});
+    // Room for a read that starts before the promotion to see it (below).
+    let config = common::config(&cluster, &tables(), |c| {
+        c.fleet.lease_timeout = Duration::from_secs(10)
+    });
     let fleet_cfg = config.fleet.clone();
     let fleet = common::start(config).await;
 
@@ -47,6 +50,9 @@ async fn writes_follow_a_promotion_and_tokens_past_the_switch_point_are_refused(
             },
         )
         .await;
+        // replica2 receives the next write but does not replay it: no replica can serve
+        // a read after it.
+        cluster.pause_replay(cluster.replica(1)).await?;
         let mut w = fleet.lease(Intent::Write).await?;
         w.execute("INSERT INTO fo VALUES (2)", &[]).await?;
         let lost = w.commit_token().await?;
@@ -56,8 +62,34 @@ async fn writes_follow_a_promotion_and_tokens_past_the_switch_point_are_refused(
 
     // The primary dies; replica1 (which never got row 2) is promoted.
     cluster.kill9(cluster.primary()).await?;
+    common::wait_for(
+        "the fleet to see the primary down",
+        Duration::from_secs(10),
+        || async {
+            fleet
+                .status()
+                .server("primary")
+                .is_some_and(|s| s.health != pgfleet::Health::Healthy || s.suspect)
+        },
+    )
+    .await;
+    // A read after the lost write, asked while no primary is known: it waits for one,
+    // and the one it gets is on a timeline that does not have the write.
+    let racing = {
+        let fleet = fleet.clone();
+        tokio::spawn(async move {
+            fleet
+                .lease(Intent::read_after(&token_lost))
+                .await
+                .map(|r| r.server().to_owned())
+        })
+    };
     cluster.promote(cluster.replica(0)).await?;
     let promoted = Instant::now();
+    match racing.await? {
+        Err(Error::WriteMayBeLost { token_lsn, .. }) => assert_eq!(token_lsn, token_lost.lsn()),
+        other => panic!("a read after the lost write, asked before the promotion: {other:?}"),
+    }
 
     // The first write after the promotion waits for the new primary and lands there.
     let mut w = fleet.lease(Intent::Write).await?;

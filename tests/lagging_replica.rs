@@ -1,6 +1,7 @@
 //! A replica more than `max_lag_bytes` behind the primary serves no eventual reads
 //! (lag is primary − replica, DESIGN §3 pitfall 7: a lagging replica is excluded, never
-//! preferred), and serves them again once it has caught up.
+//! preferred), and serves them again once it has caught up. A session's eventual reads
+//! keep that bound on top of the session's mark.
 
 mod common;
 
@@ -24,11 +25,14 @@ async fn replica_beyond_max_lag_bytes_is_excluded_until_it_catches_up() -> anyho
     );
     let fleet = common::start(common::config(&cluster, &tables, |_| {})).await;
 
-    // The table exists everywhere; its rows will not reach the paused replica.
-    let w = fleet.lease(Intent::Write).await?;
+    // The table exists everywhere; its rows will not reach the paused replica. A
+    // session writes it: its mark is a position replica1 will have replayed.
+    let session = fleet.session();
+    let w = session.lease(Intent::Write).await?;
     w.batch_execute("CREATE TABLE lag_t (id int8 PRIMARY KEY, pad text NOT NULL)")
         .await?;
     drop(w);
+    let mark = session.settled_token().await.expect("the session wrote");
     cluster.wait_all_replayed(Duration::from_secs(30)).await?;
 
     cluster.pause_replay(cluster.replica(0)).await?;
@@ -108,10 +112,23 @@ async fn replica_beyond_max_lag_bytes_is_excluded_until_it_catches_up() -> anyho
         );
         *by_server.entry(lease.server().to_string()).or_default() += 1;
     }
+    // The same through the session: replica1 has replayed its mark but is beyond
+    // max_lag_bytes, so it serves none of them either.
+    assert!(mark.lsn() <= before, "the mark {mark} predates the pause");
+    for i in 0..100 {
+        let lease = session.lease(EVENTUAL).await?;
+        assert_ne!(
+            lease.server(),
+            "replica1",
+            "session lease {i} went to the lagging replica:\n{}",
+            fleet.status()
+        );
+        *by_server.entry(lease.server().to_string()).or_default() += 1;
+    }
     println!("while replica1 lags: {by_server:?}");
     assert_eq!(
         by_server.get("replica2"),
-        Some(&200),
+        Some(&300),
         "the fresh replica serves them: {by_server:?}"
     );
 
