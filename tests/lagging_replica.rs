@@ -112,11 +112,28 @@ async fn replica_beyond_max_lag_bytes_is_excluded_until_it_catches_up() -> anyho
         );
         *by_server.entry(lease.server().to_string()).or_default() += 1;
     }
-    // The same through the session: replica1 has replayed its mark but is beyond
+    // The same through sessions: replica1 has replayed their mark but is beyond
     // max_lag_bytes, so it serves none of them either.
     assert!(mark.lsn() <= before, "the mark {mark} predates the pause");
+    // replica1 has replayed the mark: a read after it alone may go there.
+    common::wait_for(
+        "replica1 to serve a read after the session's mark",
+        Duration::from_secs(10),
+        || async {
+            let r = fleet
+                .lease(Intent::read_after(&mark))
+                .await
+                .expect("read after the mark");
+            r.server() == "replica1"
+        },
+    )
+    .await;
+    // Each read in a new session at that mark: a session's own reads raise its mark to
+    // what they saw (replica2's position), which would exclude replica1 anyway.
     for i in 0..100 {
-        let lease = session.lease(EVENTUAL).await?;
+        let (resumed, rejected) = fleet.session_from(mark);
+        assert!(rejected.is_none(), "{rejected:?}");
+        let lease = resumed.lease(EVENTUAL).await?;
         assert_ne!(
             lease.server(),
             "replica1",
