@@ -578,6 +578,16 @@ impl Config {
         Some(one)
     }
 
+    /// What key paths of cluster `name`'s servers start with: nothing for the
+    /// top-level cluster, `clusters.NAME.` for the others.
+    pub(crate) fn cluster_key_prefix(name: &str) -> String {
+        if name == DEFAULT_CLUSTER {
+            String::new()
+        } else {
+            format!("clusters.{name}.")
+        }
+    }
+
     /// Reads, parses and validates the TOML file at `path`.
     ///
     /// # Errors
@@ -775,6 +785,11 @@ impl Config {
         } else {
             mode
         };
+        // Checked here, not first at start: a host no certificate can name.
+        #[cfg(feature = "tls")]
+        if mode != TlsMode::Disable {
+            crate::tls::server_name(key, &url.tls_name)?;
+        }
         Ok(ServerTls {
             mode,
             root_cert: root_cert.filter(|_| mode != TlsMode::Disable),
@@ -1063,7 +1078,10 @@ fn syntax_error(text: &str, path: Option<String>, error: &toml::de::Error) -> Co
     let mut message = toml_words(&redact_text(error.message()));
     // A value under `http.keys` may be a signing key: serde quotes a wrongly typed
     // string (`keys = "secret"`), so say only what was expected.
-    if key.as_deref().is_some_and(|k| k.starts_with("http.keys")) {
+    // The key's own messages (a mistyped `${NAME}`) hold no value and are kept.
+    if key.as_deref().is_some_and(|k| k.starts_with("http.keys"))
+        && !crate::http::KEY_MESSAGES.contains(&error.message())
+    {
         message = "expected an array of key strings (the value is not shown)".to_owned();
     }
     // "missing field `url`" at `replicas[1]`: report the missing key itself.
@@ -1316,6 +1334,9 @@ impl ServerUrl {
             }
         }
 
+        if let Some(prefix) = url_prefix {
+            check_url_at_signs(&raw[prefix.len()..])?;
+        }
         // pgfleet negotiates TLS itself: its parameters never reach tokio-postgres.
         let (rest, tls) = match url_prefix {
             Some(prefix) => take_tls_params_url(raw, prefix.len())?,
@@ -1404,6 +1425,27 @@ impl ServerUrl {
     }
 }
 
+/// The credentials of a URL end at its first `@` (as tokio-postgres reads it), so an
+/// unencoded `@` elsewhere makes part of a password the host, or a query-string password
+/// the user name: both would then be shown as if they were not secret. `rest` is the URL
+/// after its scheme.
+fn check_url_at_signs(rest: &str) -> Result<(), UrlError> {
+    let Some((credentials, after)) = rest.split_once('@') else {
+        return Ok(());
+    };
+    // Credentials that run past the host into the path or the query: an `@` after the
+    // host (libpq does not read a `/` as part of the credentials either).
+    if credentials.contains('/') || credentials.to_ascii_lowercase().contains("password=") {
+        return Err(UrlError::UnencodedAt);
+    }
+    // A second `@` before the path or query: an `@` in the password.
+    let host = after.split(['/', '?', '#']).next().unwrap_or_default();
+    if host.contains('@') {
+        return Err(UrlError::UnencodedAt);
+    }
+    Ok(())
+}
+
 /// `NAME` if `password` is exactly `${NAME}` with a valid variable name.
 pub(crate) fn env_reference(password: &[u8]) -> Option<&str> {
     let name = password.strip_prefix(b"${")?.strip_suffix(b"}")?;
@@ -1429,6 +1471,7 @@ enum UrlError {
     NoUser,
     EnvName,
     EnvNotUnicode(String),
+    UnencodedAt,
 }
 
 impl fmt::Display for UrlError {
@@ -1460,6 +1503,10 @@ impl fmt::Display for UrlError {
             UrlError::EnvNotUnicode(var) => write!(
                 f,
                 "the password comes from environment variable `{var}`, which is not valid UTF-8"
+            ),
+            UrlError::UnencodedAt => write!(
+                f,
+                "the text before the first `@` is not `user:password`: percent-encode an `@` in the user, the password or a query parameter as `%40`, and a `/` in the user or password as `%2F`"
             ),
         }
     }
@@ -1893,6 +1940,15 @@ mod tests {
         let url = ServerUrl::parse("postgresql://app@db.example/")?;
         assert_eq!((url.port(), url.dbname()), (5432, None));
 
+        // Encoded, an `@` is part of the password; after the host, part of a value.
+        let url = ServerUrl::parse("postgres://app:p%40ss@db.example/app?application_name=a@b")?;
+        assert_eq!(url.host(), "db.example");
+        assert_eq!(url.pg_config().get_password(), Some(&b"p@ss"[..]));
+        assert_eq!(
+            url.redacted(),
+            "postgres://app:***@db.example/app?application_name=a@b"
+        );
+
         let url = ServerUrl::parse("host=db user=u password=pw port=7000")?;
         assert_eq!((url.host(), url.port()), ("db", 7000));
         assert_eq!(url.redacted(), "host=db user=u password=*** port=7000");
@@ -1925,6 +1981,12 @@ mod tests {
                 "postgres://u:${1BAD}@h/db",
                 "not a valid environment variable name",
             ),
+            // An unencoded `@` would make a password fragment the host, or a query-string
+            // password the user name.
+            ("postgres://app:pw@Secret99@h/db", "`%40`"),
+            ("postgres://h/db?user=app&password=pw@Secret99", "`%40`"),
+            ("postgres://h/db?user=app&password=Secret99@h2", "`%40`"),
+            ("postgres://h?user=app&PASSWORD=pw@Secret99", "`%40`"),
         ];
         for (raw, want) in cases {
             let err = match ServerUrl::parse(raw) {

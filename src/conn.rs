@@ -909,8 +909,31 @@ fn spawn_connection<S, T>(
 /// [`Error::Connect`] naming the server, with a [`ConnectError`] that says what failed
 /// (the socket, [TLS](ConnectError::Tls), the startup, or the timeout).
 pub async fn check_server(config: &Config, server: &str) -> Result<bool, Error> {
+    check_cluster_server(config, crate::DEFAULT_CLUSTER, server).await
+}
+
+/// As [`check_server`], for the server named `server` in cluster `cluster` of `config`
+/// (a `[clusters.NAME]` table, or [`DEFAULT_CLUSTER`](crate::DEFAULT_CLUSTER) for the
+/// top-level servers). Configuration errors name the key as written, e.g.
+/// `clusters.tenant_a.replicas[0].url`.
+///
+/// # Errors
+///
+/// As [`check_server`]; [`Error::Config`] also when there is no cluster `cluster`.
+pub async fn check_cluster_server(
+    config: &Config,
+    cluster: &str,
+    server: &str,
+) -> Result<bool, Error> {
     config.validate()?;
-    let (key, url) = std::iter::once(("primary.url".to_owned(), &config.primary))
+    let config = &config.cluster(cluster).ok_or_else(|| {
+        Error::Config(ConfigError::Invalid {
+            key: "cluster".to_owned(),
+            message: format!("no cluster is named `{cluster}`"),
+        })
+    })?;
+    let prefix = Config::cluster_key_prefix(cluster);
+    let (key, url) = std::iter::once((format!("{prefix}primary.url"), &config.primary))
         .filter(|(_, p)| p.name == server)
         .map(|(k, p)| (k, &p.url))
         .chain(
@@ -919,7 +942,7 @@ pub async fn check_server(config: &Config, server: &str) -> Result<bool, Error> 
                 .iter()
                 .enumerate()
                 .filter(|(_, r)| r.name == server)
-                .map(|(i, r)| (format!("replicas[{i}].url"), &r.url)),
+                .map(|(i, r)| (format!("{prefix}replicas[{i}].url"), &r.url)),
         )
         .next()
         .ok_or_else(|| {

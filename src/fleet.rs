@@ -87,11 +87,7 @@ pub(crate) fn build_shared(
     previous: Option<&Shared>,
 ) -> Result<Shared, Error> {
     // Key paths as the configuration file has them.
-    let prefix = if cluster == DEFAULT_CLUSTER {
-        String::new()
-    } else {
-        format!("clusters.{cluster}.")
-    };
+    let prefix = Config::cluster_key_prefix(cluster);
     let mut slots = Vec::with_capacity(1 + config.replicas.len());
     let p = &config.primary;
     slots.push(ServerSlot::new(
@@ -312,7 +308,8 @@ impl Fleet {
     /// Waits until every server has been probed once (successfully or not) and a
     /// primary is known, or `timeout` passes. Returns whether that happened.
     pub async fn wait_ready(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
+        // Past what an `Instant` can hold (`Duration::MAX`): no deadline.
+        let deadline = Instant::now().checked_add(timeout);
         loop {
             let shared = self.shared();
             let notified = shared.changed.notified();
@@ -324,11 +321,16 @@ impl Fleet {
             {
                 return true;
             }
-            if tokio::time::timeout_at(deadline.into(), notified)
-                .await
-                .is_err()
-            {
-                return false;
+            match deadline {
+                Some(deadline) => {
+                    if tokio::time::timeout_at(deadline.into(), notified)
+                        .await
+                        .is_err()
+                    {
+                        return false;
+                    }
+                }
+                None => notified.await,
             }
         }
     }

@@ -183,7 +183,7 @@ pub use config::{
     PrimaryConfig, ReplicaConfig, RestartConfig, ServerUrl, Strategy, TlsConfig, TlsMode,
     UnknownCluster, DEFAULT_CLUSTER,
 };
-pub use conn::check_server;
+pub use conn::{check_cluster_server, check_server};
 pub use error::{ConnectError, Error, TlsError};
 pub use fleet::Fleet;
 pub use lease::{Consistency, Intent, Lease};

@@ -95,14 +95,7 @@ impl Connector {
             })?)),
             None => None,
         };
-        let name =
-            ServerName::try_from(tls.server_name.clone()).map_err(|_| ConfigError::Invalid {
-                key: tls.url_key.clone(),
-                message: format!(
-                    "`{}` is not a host name or address a TLS certificate can name",
-                    tls.server_name
-                ),
-            })?;
+        let name = server_name(&tls.url_key, &tls.server_name)?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let verifier = Arc::new(Verifier {
             roots,
@@ -375,6 +368,18 @@ impl ServerCertVerifier for Verifier {
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.algorithms.supported_schemes()
     }
+}
+
+/// `name` (the host of the URL at `key`) as the name a TLS certificate must hold.
+///
+/// # Errors
+///
+/// [`ConfigError::Invalid`] naming `key` when no certificate can name it.
+pub(crate) fn server_name(key: &str, name: &str) -> Result<ServerName<'static>, ConfigError> {
+    ServerName::try_from(name.to_owned()).map_err(|_| ConfigError::Invalid {
+        key: key.to_owned(),
+        message: format!("`{name}` is not a host name or address a TLS certificate can name"),
+    })
 }
 
 #[cfg(test)]

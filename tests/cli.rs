@@ -224,6 +224,13 @@ async fn help_and_version() -> Result<()> {
         ensure!(out.status.success());
         ensure!(stdout.contains(want), "{sub} --help:\n{stdout}");
     }
+    // A --wait no Instant can hold is refused by name, not a panic.
+    let (out, _, stderr) = run(&["status", "x.toml", "--wait", "500000000000y"], &[]).await?;
+    ensure!(out.status.code() == Some(2), "{out:?}\n{stderr}");
+    ensure!(
+        stderr.contains("--wait") && stderr.contains("at most 1day"),
+        "{stderr}"
+    );
     Ok(())
 }
 

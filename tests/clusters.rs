@@ -132,3 +132,44 @@ async fn unknown_names_can_mean_the_default_cluster() -> anyhow::Result<()> {
     fleet.shutdown().await;
     Ok(())
 }
+
+/// `check_cluster_server` reaches a server of a `[clusters.NAME]` table; errors name
+/// the cluster's keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_cluster_server_names_the_clusters_keys() -> anyhow::Result<()> {
+    common::trace();
+    let a = LocalCluster::shared().await?;
+    let section = as_section(a, "tenant_b");
+    let config = Config::from_toml_str(&format!("{}\n{section}", a.pgfleet_toml()))?;
+    assert_eq!(
+        pgfleet::check_cluster_server(&config, "tenant_b", "replica1")
+            .await
+            .ok(),
+        Some(false),
+        "reachable, without TLS"
+    );
+    for (cluster, server, want) in [
+        ("tenant_x", "primary", "no cluster is named `tenant_x`"),
+        ("tenant_b", "replica9", "no server is named `replica9`"),
+    ] {
+        let err = pgfleet::check_cluster_server(&config, cluster, server)
+            .await
+            .expect_err(want);
+        assert!(err.to_string().contains(want), "{err}");
+    }
+
+    // A CA file that does not exist, on tenant_b's primary.
+    let url = a.primary().url();
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let broken = format!(
+        "[clusters.tenant_b.primary]\nname = \"primary\"\nurl = \"{url}{sep}sslmode=verify-full&sslrootcert=%2Fnonexistent%2Fca.pem\"\n"
+    );
+    // Checked when the config is read, named by its key in the cluster's table.
+    let err =
+        Config::from_toml_str(&format!("{}\n{broken}", a.pgfleet_toml())).expect_err("no CA file");
+    assert!(
+        err.to_string().starts_with("clusters.tenant_b.primary.url"),
+        "{err}"
+    );
+    Ok(())
+}

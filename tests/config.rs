@@ -394,6 +394,24 @@ fn bad_configs_name_the_key() {
             format!("[http]\nkeys = [\"${{PGFLEET_TEST_SURELY_UNSET_KEY}}\"]\n{PRIMARY}"),
             vec!["http.keys[0]", "`PGFLEET_TEST_SURELY_UNSET_KEY`", "not set"],
         ),
+        (
+            format!("[http]\nkeys = [\"${{PGFLEET-HTTP-KEY-0123456789-0123456789}}\"]\n{PRIMARY}"),
+            vec!["http.keys[0]", "not a valid environment variable name", "line 2"],
+        ),
+        (
+            format!("[http]\ncookie_name = \"__Host-t\"\ncookie_path = \"/app\"\n{PRIMARY}"),
+            vec!["http.cookie_path", "`__Host-...`"],
+        ),
+        // An unencoded `@` (the message never shows the URL).
+        (
+            "[primary]\nname = \"p\"\nurl = \"postgres://h/app?user=app&password=Secret99@x\"\n".to_owned(),
+            vec!["primary.url", "`%40`"],
+        ),
+        // A host no TLS certificate can name, with sslmode=prefer (the default).
+        (
+            "[primary]\nname = \"p\"\nurl = \"postgres://app@db-/app\"\n".to_owned(),
+            vec!["primary.url", "`db-` is not a host name"],
+        ),
     ];
     assert!(cases.len() >= 20);
 
@@ -407,6 +425,10 @@ fn bad_configs_name_the_key() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    for (text, _) in cases.iter().filter(|(t, _)| t.contains("Secret99")) {
+        let err = err_of(text);
+        assert!(!format!("{err} {err:?}").contains("Secret99"), "{err:?}");
+    }
 }
 
 #[test]

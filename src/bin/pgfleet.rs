@@ -81,8 +81,14 @@ enum Command {
     },
 }
 
-fn parse_duration(text: &str) -> Result<Duration, humantime::DurationError> {
-    humantime::parse_duration(text)
+/// A humantime duration of at most a day (as the config's durations).
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    const MAX: Duration = Duration::from_secs(24 * 60 * 60);
+    let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if d > MAX {
+        return Err(format!("at most {}", humantime::format_duration(MAX)));
+    }
+    Ok(d)
 }
 
 #[tokio::main]
@@ -147,7 +153,7 @@ async fn check(path: &Path, connect: bool) -> ExitCode {
             .chain(one.replicas.iter().map(|r| r.name.as_str()));
         for server in names {
             // Errors name the server and what failed; never a password.
-            let result = match pgfleet::check_server(&one, server).await {
+            let result = match pgfleet::check_cluster_server(&config, cluster, server).await {
                 Ok(true) => "ok (TLS)".to_owned(),
                 Ok(false) => "ok (no TLS)".to_owned(),
                 Err(e) => {

@@ -214,15 +214,32 @@ impl fmt::Debug for TokenKey {
     }
 }
 
+/// The errors a key's text can give while parsing: they hold no part of it.
+pub(crate) const KEY_MESSAGES: [&str; 2] = [
+    "looks like `${NAME}` but NAME is not a valid environment variable name ([A-Za-z_][A-Za-z0-9_]*)",
+    "looks like an environment variable: write it `${NAME}` to read the key from the environment",
+];
+
 impl<'de> Deserialize<'de> for TokenKey {
     /// A literal key, or `"${NAME}"` read from the environment; an unset variable is
     /// left for [`crate::Config::validate`] to report with the key's path.
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let raw = String::deserialize(deserializer)?;
-        match env_reference(raw.as_bytes()) {
-            Some(var) => Self::from_env_inner(var).map_err(serde::de::Error::custom),
-            None => Ok(Self::new(raw.into_bytes())),
+        let raw = Zeroizing::new(String::deserialize(deserializer)?);
+        if let Some(var) = env_reference(raw.as_bytes()) {
+            return Self::from_env_inner(var).map_err(serde::de::Error::custom);
         }
+        // A reference mistyped would otherwise become the key itself: text from the
+        // config file, which anyone who reads the file could sign with.
+        if raw.starts_with("${") {
+            return Err(serde::de::Error::custom(KEY_MESSAGES[0]));
+        }
+        if raw
+            .strip_prefix('$')
+            .is_some_and(|name| env_reference(format!("${{{name}}}").as_bytes()).is_some())
+        {
+            return Err(serde::de::Error::custom(KEY_MESSAGES[1]));
+        }
+        Ok(Self::new(raw.as_bytes().to_vec()))
     }
 }
 
@@ -293,6 +310,27 @@ impl HttpConfig {
                 "http.cookie_same_site",
                 "\"none\" requires http.cookie_secure = true (browsers drop SameSite=None cookies without Secure)",
             ));
+        }
+        // Cookie name prefixes (RFC 6265bis): browsers drop such a cookie set without
+        // what its prefix promises, and read-your-writes would silently stop.
+        let prefix = ["__Host-", "__Secure-"].into_iter().find(|p| {
+            self.cookie_name
+                .get(..p.len())
+                .is_some_and(|head| head.eq_ignore_ascii_case(p))
+        });
+        if let Some(prefix) = prefix {
+            if !self.cookie_secure {
+                return Err(invalid(
+                    "http.cookie_secure",
+                    format!("must be true for a cookie named `{prefix}...` (browsers drop it without Secure)"),
+                ));
+            }
+            if prefix == "__Host-" && self.cookie_path != "/" {
+                return Err(invalid(
+                    "http.cookie_path",
+                    "must be \"/\" for a cookie named `__Host-...` (browsers drop it with any other path)",
+                ));
+            }
         }
         for (i, k) in self.keys.iter().enumerate() {
             k.validate(&format!("http.keys[{i}]"))?;
@@ -380,6 +418,27 @@ mod tests {
                 "http.keys[1]",
                 Box::new(|c| c.keys = vec![key32(), TokenKey::new("short")]),
             ),
+            (
+                "http.cookie_secure",
+                Box::new(|c| {
+                    c.cookie_name = "__Host-token".into();
+                    c.cookie_secure = false;
+                }),
+            ),
+            (
+                "http.cookie_secure",
+                Box::new(|c| {
+                    c.cookie_name = "__secure-token".into();
+                    c.cookie_secure = false;
+                }),
+            ),
+            (
+                "http.cookie_path",
+                Box::new(|c| {
+                    c.cookie_name = "__Host-token".into();
+                    c.cookie_path = "/app".into();
+                }),
+            ),
         ];
         for (want, tweak) in cases {
             let mut c = HttpConfig::default();
@@ -387,6 +446,36 @@ mod tests {
             let err = c.validate().expect_err(want);
             assert_eq!(err.key(), Some(want), "{err}");
         }
+    }
+
+    #[test]
+    fn a_mistyped_environment_reference_is_not_a_key() {
+        #[derive(Deserialize)]
+        struct Keys {
+            #[allow(dead_code)]
+            keys: Vec<TokenKey>,
+        }
+        for raw in [
+            "${PGFLEET-HTTP-SIGNING-KEY-PRIMARY-0001}",
+            "${}",
+            "$PGFLEET_HTTP_SIGNING_KEY_PRIMARY_V2_0001",
+        ] {
+            let err = toml::from_str::<Keys>(&format!("keys = [\"{raw}\"]"))
+                .err()
+                .map(|e| e.message().to_owned());
+            assert!(
+                err.as_deref()
+                    .is_some_and(|e| e.contains("${NAME}") && !e.contains(raw)),
+                "{raw}: {err:?}"
+            );
+        }
+        // A literal key that merely contains `$` is a key.
+        let k: Keys =
+            toml::from_str("keys = [\"0123456789$abcdef0123456789abcdef\"]").expect("a key");
+        assert_eq!(k.keys.len(), 1);
+        let k: Keys =
+            toml::from_str("keys = [\"$0123456789abcdef0123456789abcdef\"]").expect("a key");
+        assert_eq!(k.keys.len(), 1);
     }
 
     #[test]

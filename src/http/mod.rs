@@ -19,6 +19,7 @@ mod layer;
 #[cfg(feature = "axum")]
 mod sign;
 
+pub(crate) use config::KEY_MESSAGES;
 pub use config::{HttpConfig, SameSite, TokenKey};
 #[cfg(feature = "axum")]
 pub use layer::{MissingSession, RejectedTokens, SessionFuture, SessionLayer, SessionService};
