@@ -147,7 +147,9 @@ pub(crate) fn build_shared(
 
 impl Drop for TreeGuard {
     fn drop(&mut self) {
-        let _ = self.supervisor.cast(SupervisorMsg::Shutdown);
+        let _ = self
+            .supervisor
+            .cast(SupervisorMsg::Shutdown(Duration::from_millis(100)));
     }
 }
 
@@ -486,6 +488,11 @@ impl Fleet {
     /// [`Error::ShuttingDown`]. Returns how many leases were still out when it gave up
     /// waiting.
     pub async fn shutdown(&self) -> u64 {
+        let deadline = Instant::now() + self.shared().config.fleet.shutdown_timeout;
+        // A reload in progress finishes first, so the generations flagged here are the
+        // ones every handle uses, and none starts after (it would see the flag). Bounded:
+        // past the deadline, shutdown goes on regardless.
+        let _no_reload = tokio::time::timeout_at(deadline.into(), self.reload_lock()).await;
         let generations: Vec<Arc<Shared>> = self
             .guard
             .clusters
@@ -497,7 +504,6 @@ impl Fleet {
             s.shutting_down.store(true, Ordering::Release);
             s.changed.notify_waiters();
         }
-        let deadline = Instant::now() + self.shared().config.fleet.shutdown_timeout;
         for s in clusters() {
             loop {
                 let notified = s.drained.notified();
@@ -519,11 +525,12 @@ impl Fleet {
             }
         }
         let sup = self.guard.supervisor.clone();
-        let _ = sup.cast(SupervisorMsg::Shutdown);
-        // What is left of the timeout, and a moment even when draining used it all up.
+        // What is left of the timeout, and a moment even when draining used it all up:
+        // most of it for the children, the rest for the supervisor itself.
         let stop_wait = deadline
             .saturating_duration_since(Instant::now())
             .max(STOP_GRACE);
+        let _ = sup.cast(SupervisorMsg::Shutdown(stop_wait.mul_f64(0.8)));
         if sup.get_cell().wait(Some(stop_wait)).await.is_err() {
             tracing::warn!(target: TARGET, ?stop_wait, "actors still stopping when shutdown returned");
         }

@@ -55,6 +55,9 @@ impl Fleet {
     /// connection) while the switch happens carries on in the new generation within its
     /// `lease_timeout`.
     ///
+    /// The reload runs to its end in a task of its own: dropping the returned future
+    /// (a timeout around it, a `select!`) does not leave the fleet half switched.
+    ///
     /// # Errors
     ///
     /// [`Error::Config`] for an invalid configuration, or one that adds or removes a
@@ -62,6 +65,13 @@ impl Fleet {
     /// [`Error::Internal`] if the supervisor is gone.
     pub async fn reload(&self, config: Config) -> Result<ReloadReport, Error> {
         config.validate()?;
+        let fleet = self.clone();
+        tokio::spawn(async move { fleet.reload_now(config).await })
+            .await
+            .map_err(|e| Error::Internal(format!("reload: {e}")))?
+    }
+
+    async fn reload_now(&self, config: Config) -> Result<ReloadReport, Error> {
         let _one_at_a_time = self.reload_lock().await;
         let cells = self.clusters_cells();
         let now: BTreeSet<&str> = cells.iter().map(|c| &*c.name).collect();
@@ -79,8 +89,9 @@ impl Fleet {
         }
         let mut report = ReloadReport::default();
         let mut old_gens = Vec::with_capacity(cells.len());
-        let mut new_gens = Vec::with_capacity(cells.len());
-        let mut handed = Vec::with_capacity(cells.len());
+        let mut built = Vec::with_capacity(cells.len());
+        // Every generation is built before anything moves: a rejected reload leaves the
+        // running one untouched.
         for cell in &cells {
             let old = cell.current.load_full();
             if old.is_shutting_down() {
@@ -89,9 +100,13 @@ impl Fleet {
             let one = config.cluster(&cell.name).ok_or_else(|| {
                 Error::Internal(format!("cluster {} vanished from the config", cell.name))
             })?;
-            let new = build_shared(&cell.name, one, Some(&old))?;
-            handed.push(hand_over(&cell.name, &old, &new, &mut report));
+            built.push(build_shared(&cell.name, one, Some(&old))?);
             old_gens.push(old);
+        }
+        let mut new_gens = Vec::with_capacity(cells.len());
+        let mut handed = Vec::with_capacity(cells.len());
+        for ((cell, old), new) in cells.iter().zip(&old_gens).zip(built) {
+            handed.push(hand_over(&cell.name, old, &new, &mut report));
             new_gens.push(Arc::new(new));
         }
         let replaced: Vec<ActorCell> =

@@ -134,6 +134,8 @@ pub(crate) struct ServerState {
     failures: u32,
     down_since: Option<Instant>,
     ticker: Option<JoinHandle<()>>,
+    /// The probe in flight, aborted when the actor stops (so none outlives it).
+    probe_task: Option<tokio::task::AbortHandle>,
     pools: Arc<Pools>,
     /// `pools.owner` when this actor took them.
     pools_owner: u64,
@@ -190,6 +192,8 @@ impl Actor for Server {
             })
         };
         let owner = pools.owner.load(std::sync::atomic::Ordering::Acquire);
+        slot.pools_owner
+            .store(owner, std::sync::atomic::Ordering::Release);
         slot.pools.store(Some(pools.clone()));
         slot.actor.store(Some(Arc::new(myself)));
         Ok(ServerState {
@@ -202,6 +206,7 @@ impl Actor for Server {
             failures: 0,
             down_since: None,
             ticker: None,
+            probe_task: None,
             pools,
             pools_owner: owner,
         })
@@ -225,6 +230,9 @@ impl Actor for Server {
     ) -> Result<(), ActorProcessingErr> {
         if let Some(t) = state.ticker.take() {
             t.abort();
+        }
+        if let Some(p) = state.probe_task.take() {
+            p.abort();
         }
         state.shared.slots[state.idx].retire(myself.get_id());
         // Pools a reload handed to the next generation stay open.
@@ -282,7 +290,7 @@ fn start_probe(myself: &ActorRef<ServerMsg>, state: &mut ServerState) {
     let idx = state.idx;
     let me = myself.clone();
     let span = tracing::debug_span!(target: TARGET, "probe", server = %shared.slots[idx].name);
-    tokio::spawn(
+    let task = tokio::spawn(
         async move {
             let started = Instant::now();
             let (conn, result) = run_probe(&shared, idx, conn).await;
@@ -297,6 +305,7 @@ fn start_probe(myself: &ActorRef<ServerMsg>, state: &mut ServerState) {
         }
         .instrument(span),
     );
+    state.probe_task = Some(task.abort_handle());
 }
 
 async fn open_probe_conn(shared: &Shared, idx: usize) -> Result<ProbeConn, String> {

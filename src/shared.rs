@@ -70,6 +70,9 @@ pub(crate) struct ServerSlot {
     pub(crate) weight_as_replica: u32,
     /// Pools of the current actor incarnation; `None` while it is down.
     pub(crate) pools: ArcSwapOption<Pools>,
+    /// `pools.owner` when this slot's actor took them: a reload that hands the pools to
+    /// the next generation bumps theirs, and this slot then no longer closes them.
+    pub(crate) pools_owner: AtomicU64,
     /// The current actor, for `ProbeNow` from leases.
     pub(crate) actor: ArcSwapOption<ActorRef<ServerMsg>>,
     /// Leases currently held on this server (least-outstanding input, drain on shutdown).
@@ -143,6 +146,7 @@ impl ServerSlot {
             restarts: AtomicU32::new(0),
             restarting: AtomicBool::new(false),
             last_error: Mutex::new(None),
+            pools_owner: AtomicU64::new(0),
         }
     }
 
@@ -160,11 +164,14 @@ impl ServerSlot {
     /// restarted incarnation may already be there), closing the pools. Called from the
     /// actor's `post_stop`, and by the supervisor for a failed actor (ractor runs no
     /// `post_stop` then). Connections still leased finish their work and are dropped.
+    /// Pools a reload has handed to the next generation stay open.
     pub(crate) fn retire(&self, id: ractor::ActorId) {
         if self.actor.load().as_ref().is_some_and(|a| a.get_id() == id) {
             self.actor.store(None);
             if let Some(pools) = self.pools.swap(None) {
-                pools.close();
+                if pools.owner.load(Ordering::Acquire) == self.pools_owner.load(Ordering::Acquire) {
+                    pools.close();
+                }
             }
         }
     }

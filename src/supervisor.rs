@@ -34,8 +34,9 @@ pub(crate) enum SupervisorMsg {
     /// in place of the current ones, and reply with the replaced actors, still running
     /// (the caller stops them once the new generation is published).
     Reload(Vec<Arc<Shared>>, ractor::RpcReplyPort<Vec<ActorCell>>),
-    /// Stop every child and then the supervisor.
-    Shutdown,
+    /// Stop every child, wait at most this long for them to stop (their `post_stop`
+    /// runs), then stop the supervisor.
+    Shutdown(Duration),
 }
 
 #[derive(Debug)]
@@ -216,7 +217,7 @@ impl Actor for Supervisor {
                 }
                 let _ = reply.send(replaced);
             }
-            SupervisorMsg::Shutdown => {
+            SupervisorMsg::Shutdown(wait) => {
                 state.stopping = true;
                 for cluster in &mut state.clusters {
                     if let Some(r) = cluster.router.cell.take() {
@@ -233,6 +234,12 @@ impl Actor for Supervisor {
                         }
                     }
                 }
+                // A supervisor that stops first kills the children still running, and a
+                // killed actor runs no post_stop (its probe would outlive the fleet).
+                myself
+                    .get_cell()
+                    .stop_children_and_wait(None, Some(wait))
+                    .await;
                 myself.stop(None);
             }
         }

@@ -5,6 +5,7 @@
 mod common;
 
 use std::collections::BTreeSet;
+use std::future::Future;
 use std::time::Duration;
 
 use pgfleet::{Config, Consistency, Error, Fleet, Intent, Lease};
@@ -256,6 +257,51 @@ async fn a_restart_timer_from_before_a_reload_is_ignored() -> anyhow::Result<()>
         servers_of_reads(&fleet, 10).await?,
         BTreeSet::from(["replica1".to_owned()])
     );
+    fleet.shutdown().await;
+    Ok(())
+}
+
+/// A reload whose caller stops waiting (a timeout around it) still completes: the
+/// handles and the supervisor agree on the new generation, and its servers are
+/// supervised (a failed one is restarted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_whose_caller_gives_up_still_completes() -> anyhow::Result<()> {
+    common::trace();
+    let cluster = LocalCluster::shared().await?;
+    let fleet = common::start(config(cluster, true, 1, 1)).await;
+    // Polled once, then dropped at its first wait.
+    {
+        let mut reload = std::pin::pin!(fleet.reload(config(cluster, false, 1, 1)));
+        let first =
+            std::future::poll_fn(|cx| std::task::Poll::Ready(reload.as_mut().poll(cx))).await;
+        assert!(
+            first.is_pending(),
+            "the reload finished in one poll: {first:?}"
+        );
+    }
+    common::wait_for(
+        "the reload to take effect",
+        Duration::from_secs(10),
+        || async { fleet.status().server("replica2").is_none() },
+    )
+    .await;
+    common::wait_for("replica1 serving", Duration::from_secs(10), || async {
+        servers_of_reads(&fleet, 5)
+            .await
+            .is_ok_and(|s| s == BTreeSet::from(["replica1".to_owned()]))
+    })
+    .await;
+    assert!(
+        fleet.debug_fail_server("replica1"),
+        "the hook reached replica1"
+    );
+    common::wait_for("replica1 restarted", Duration::from_secs(10), || async {
+        fleet
+            .status()
+            .server("replica1")
+            .is_some_and(|s| s.restarts >= 1 && s.health == pgfleet::Health::Healthy)
+    })
+    .await;
     fleet.shutdown().await;
     Ok(())
 }
