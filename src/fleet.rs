@@ -47,6 +47,29 @@ pub(crate) struct ClusterCell {
     pub(crate) name: Box<str>,
     /// The current generation.
     pub(crate) current: ArcSwap<Shared>,
+    /// Generations a reload replaced, while something still holds them (leases granted
+    /// before the reload count there): `shutdown` drains those leases too.
+    pub(crate) retired: std::sync::Mutex<Vec<std::sync::Weak<Shared>>>,
+}
+
+impl ClusterCell {
+    /// Leases on server `name` still held in generations a reload replaced.
+    fn retired_in_flight(&self, name: &str) -> u64 {
+        let Ok(retired) = self.retired.lock() else {
+            return 0;
+        };
+        retired
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .map(|g| {
+                g.slots
+                    .iter()
+                    .filter(|s| *s.name == *name)
+                    .map(|s| s.in_flight.load(Ordering::Relaxed))
+                    .sum::<u64>()
+            })
+            .sum()
+    }
 }
 
 impl std::fmt::Debug for Fleet {
@@ -185,6 +208,7 @@ impl Fleet {
             clusters.push(Arc::new(ClusterCell {
                 name: name.into(),
                 current: ArcSwap::from_pointee(build_shared(name, one, None)?),
+                retired: std::sync::Mutex::default(),
             }));
         }
         let (supervisor, _) = Actor::spawn(
@@ -455,7 +479,8 @@ impl Fleet {
                     pool_max: slot.pool_size * 2,
                     pool_open: size,
                     pool_idle: idle,
-                    in_use: slot.in_flight.load(Ordering::Relaxed),
+                    in_use: slot.in_flight.load(Ordering::Relaxed)
+                        + self.cell.retired_in_flight(&slot.name),
                     leases: slot.leases.load(Ordering::Relaxed),
                     fallbacks: slot.fallbacks.load(Ordering::Relaxed),
                     restarts: slot.restarts.load(Ordering::Relaxed),
@@ -493,11 +518,19 @@ impl Fleet {
         // ones every handle uses, and none starts after (it would see the flag). Bounded:
         // past the deadline, shutdown goes on regardless.
         let _no_reload = tokio::time::timeout_at(deadline.into(), self.reload_lock()).await;
+        // Every cluster's current generation, and those a reload replaced that leases
+        // granted before it still hold.
         let generations: Vec<Arc<Shared>> = self
             .guard
             .clusters
             .iter()
-            .map(|c| c.current.load_full())
+            .flat_map(|c| {
+                let retired = c.retired.lock().map_or_else(
+                    |_| Vec::new(),
+                    |r| r.iter().filter_map(std::sync::Weak::upgrade).collect(),
+                );
+                std::iter::once(c.current.load_full()).chain(retired)
+            })
             .collect();
         let clusters = || generations.iter();
         for s in clusters() {

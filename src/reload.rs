@@ -115,6 +115,10 @@ impl Fleet {
             )?;
         for (((cell, old), new), handed) in cells.iter().zip(&old_gens).zip(new_gens).zip(handed) {
             cell.current.store(new.clone());
+            if let Ok(mut retired) = cell.retired.lock() {
+                retired.retain(|g| g.strong_count() > 0);
+                retired.push(Arc::downgrade(old));
+            }
             // Pools handed over now belong to the new generation: unhook them from the
             // old slots before the old actors stop (their post_stop closes what is left).
             for i in handed {

@@ -14,6 +14,15 @@ async fn tagged_fleet(
     app: &str,
     shutdown_timeout: Duration,
 ) -> anyhow::Result<Fleet> {
+    Ok(common::start(tagged_config(cluster, app, shutdown_timeout)?).await)
+}
+
+/// The config of [`tagged_fleet`].
+fn tagged_config(
+    cluster: &LocalCluster,
+    app: &str,
+    shutdown_timeout: Duration,
+) -> anyhow::Result<pgfleet::Config> {
     let mut err = None;
     let config = common::config(cluster, common::FAST, |c| {
         c.fleet.shutdown_timeout = shutdown_timeout;
@@ -32,7 +41,7 @@ async fn tagged_fleet(
     if let Some(e) = err {
         return Err(e.into());
     }
-    Ok(common::start(config).await)
+    Ok(config)
 }
 
 /// Backends on all nodes with this application_name.
@@ -177,5 +186,29 @@ async fn idle_shutdown_is_quick() -> anyhow::Result<()> {
         },
     )
     .await;
+    Ok(())
+}
+
+/// A lease granted before a reload counts in the generation it came from: shutdown
+/// still waits for it and reports it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_waits_for_leases_granted_before_a_reload() -> anyhow::Result<()> {
+    common::trace();
+    let cluster = LocalCluster::shared().await?;
+    let app = common::table("shutdown_reload");
+    let fleet = tagged_fleet(cluster, &app, Duration::from_millis(500)).await?;
+    let held = fleet.lease(Intent::Write).await?;
+    let mut next = tagged_config(cluster, &app, Duration::from_millis(500))?;
+    next.replicas.clear();
+    let report = fleet.reload(next).await?;
+    assert_eq!(report.removed.len(), 2, "{report:?}");
+    assert_eq!(
+        fleet.status().server("primary").map(|s| s.in_use),
+        Some(1),
+        "the status counts it"
+    );
+    let left = fleet.shutdown().await;
+    assert_eq!(left, 1, "the lease held across the reload is still out");
+    drop(held);
     Ok(())
 }
