@@ -264,33 +264,36 @@ async fn writer(fleet: Fleet, id: i32, tally: Arc<Tally>, stop: Arc<AtomicBool>)
     }
 }
 
-/// A session reading rows at random: per row, values never go down (monotonic reads).
+/// A session reading every writer's row: no value ever goes down (monotonic reads), for
+/// any row, whichever server serves the read.
 async fn session_reader(fleet: Fleet, tally: Arc<Tally>, stop: Arc<AtomicBool>) {
     let session = fleet.session();
     let mut seen: BTreeMap<i32, i64> = BTreeMap::new();
     while !stop.load(Ordering::Acquire) {
-        let k = fastrand::i32(0..WRITERS);
         let read = async {
             let r = session.lease(Intent::read()).await?;
             tally.leases.fetch_add(1, Ordering::Relaxed);
-            let row = r
-                .query_one("SELECT v FROM pgfleet_demo WHERE k = $1", &[&k])
+            let rows = r
+                .query("SELECT k, v FROM pgfleet_demo", &[])
                 .await
                 .map_err(|e| r.error(e))?;
-            Ok::<_, pgfleet::Error>((row.get::<_, i64>(0), r.is_fallback()))
+            let values: Vec<(i32, i64)> = rows.iter().map(|row| (row.get(0), row.get(1))).collect();
+            Ok::<_, pgfleet::Error>((values, r.is_fallback()))
         }
         .await;
         match read {
-            Ok((v, fallback)) => {
+            Ok((values, fallback)) => {
                 if fallback {
                     tally.fallbacks.fetch_add(1, Ordering::Relaxed);
                 }
-                let last = seen.entry(k).or_insert(v);
-                if v < *last {
-                    tally.stale.fetch_add(1, Ordering::Relaxed);
-                    eprintln!("STALE: session read row {k} = {v} after seeing {last}");
+                for (k, v) in values {
+                    let last = seen.entry(k).or_insert(v);
+                    if v < *last {
+                        tally.stale.fetch_add(1, Ordering::Relaxed);
+                        eprintln!("STALE: session read row {k} = {v} after seeing {last}");
+                    }
+                    *last = (*last).max(v);
                 }
-                *last = (*last).max(v);
             }
             Err(e) => tally.error(&e),
         }

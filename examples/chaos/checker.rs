@@ -123,6 +123,8 @@ struct Inner {
     eventual_reads: u64,
     eventual_went_back: u64,
     details: Vec<String>,
+    /// Checks that could not be made (first few).
+    broken: Vec<String>,
 }
 
 /// What the workload saw, shared by its tasks.
@@ -282,18 +284,30 @@ impl Tally {
                 None
             }
             Err(_) => {
-                self.error_kind(op, "QueryHung".into());
-                let mut g = self.lock();
-                g.hung_queries += 1;
-                let d = format!(
-                    "HUNG QUERY: {op} on {} for {QUERY_LIMIT:?} at {}",
-                    lease.server(),
-                    self.at()
-                );
-                Self::detail(&mut g, d);
+                self.hung_query(op, lease);
                 None
             }
         }
+    }
+
+    /// Records `op` on `lease` abandoned after [`QUERY_LIMIT`]: a hung query.
+    fn hung_query(&self, op: &'static str, lease: &Lease) {
+        self.error_kind(op, "QueryHung".into());
+        let mut g = self.lock();
+        g.hung_queries += 1;
+        let d = format!(
+            "HUNG QUERY: {op} on {} for {QUERY_LIMIT:?} at {}",
+            lease.server(),
+            self.at()
+        );
+        Self::detail(&mut g, d);
+    }
+
+    /// Records a check the workload could not make (a failure of the run, not of the
+    /// fault).
+    fn broken(&self, what: String) {
+        let mut g = self.lock();
+        g.broken.push(what);
     }
 
     fn unacked(&self) {
@@ -462,7 +476,7 @@ async fn writer(fleet: Fleet, w: i32, tally: Arc<Tally>, stop: Arc<AtomicBool>) 
                 continue;
             }
             Err(_) => {
-                tally.error_kind("commit_token", "QueryHung".into());
+                tally.hung_query("commit_token", &lease);
                 tally.unacked();
                 continue;
             }
@@ -489,7 +503,10 @@ async fn writer(fleet: Fleet, w: i32, tally: Arc<Tally>, stop: Arc<AtomicBool>) 
                         .await
                 }
                 other => {
-                    tally.error_kind("token text", format!("RoundTrip({other:?})"));
+                    // Not an error of the fault: the token's text form is broken.
+                    tally.broken(format!(
+                        "{who}: token {token} did not parse back from its text: {other:?}"
+                    ));
                     continue;
                 }
             }
@@ -1030,6 +1047,16 @@ impl Harness {
             r.eventual_went_back = g.eventual_went_back;
             r.details = g.details.clone();
             r.details.extend(lost_details);
+            r.failures
+                .extend(g.broken.iter().take(MAX_DETAILS).cloned());
+            // A run whose reads all failed checks nothing.
+            if g.ryw_reads == 0 {
+                r.failures
+                    .push("no read-your-writes read returned data".into());
+            }
+            if g.session_reads == 0 {
+                r.failures.push("no session read returned data".into());
+            }
         }
         self.report.status = self.fleet.status().to_string();
         let left = self.fleet.shutdown().await;
@@ -1118,6 +1145,15 @@ async fn verify(fleet: &Fleet, tally: &Tally) -> anyhow::Result<(u64, Vec<String
         }
     }
     for (k, values) in counters {
+        // One writer per counter, one increment at a time: each acknowledged value must
+        // be above the one before, or an acknowledged increment was lost and redone.
+        let repeats = values.windows(2).filter(|w| w[1] <= w[0]).count() as u64;
+        if repeats > 0 {
+            lost += repeats;
+            detail(format!(
+                "LOST WRITE: counter {k} acknowledged a value not above the one before it {repeats} times"
+            ));
+        }
         let fin = on_primary.get(&k).copied().unwrap_or(i64::MIN);
         let missing = values.iter().filter(|&&v| v > fin).count() as u64;
         if missing > 0 {
@@ -1960,9 +1996,12 @@ async fn older_round(h: &mut Harness, round: i64, cached: bool) -> anyhow::Resul
                     if lease.server() != "replica1" {
                         return false;
                     }
-                    let got = count_rows(&tally, &lease, count_sql, lo, hi).await;
+                    // A failed query (recorded) says nothing of the data: try again.
+                    let Some(got) = count_rows(&tally, &lease, count_sql, lo, hi).await else {
+                        return false;
+                    };
                     tally.ryw_read(&lease);
-                    if got != Some(BULK) {
+                    if got != BULK {
                         tally.stale(
                             &format!(
                                 "round {round}: replica1 back saw {got:?} of the {BULK} rows of token {token}"
@@ -1987,5 +2026,11 @@ async fn count_rows(tally: &Tally, lease: &Lease, sql: &str, lo: i64, hi: i64) -
     let row = tally
         .query("bulk read", lease, lease.query_one(sql, &[&lo, &hi]))
         .await?;
-    Some(row.try_get(0).unwrap_or(-1))
+    match row.try_get(0) {
+        Ok(n) => Some(n),
+        Err(e) => {
+            tally.error("bulk read", &lease.error(e));
+            None
+        }
+    }
 }
