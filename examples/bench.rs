@@ -696,7 +696,9 @@ fn phase_figures(phases: &[Phase]) -> (f64, f64, f64, u64) {
 }
 
 fn print_overhead(rows: &[OverheadRow], info: &[InfoRow], csv: &mut Csv) {
-    println!("\n== End-to-end prepared point reads (SELECT v FROM kv WHERE k = $1) ==");
+    println!(
+        "\n== End-to-end point reads (SELECT v FROM kv WHERE k = $1; query_typed: one round trip, unnamed statement) =="
+    );
     println!(
         "rounds: {} per concurrency, each {SLICES} slices per side interleaved ABBA; reads/s is the median round, \
          p50/p99 over all rounds; ratio is the median of the per-round fleet/bare ratios \
