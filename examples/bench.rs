@@ -218,6 +218,24 @@ async fn run(plan: Plan) -> Result<Outcome> {
         }
         overhead.push(row);
     }
+    // One round each: a new session per read (as the HTTP layer resumes one per
+    // request), whose release reads the replica's position on the connection.
+    let per_session = Reader::FleetSession(single.clone());
+    let mut sessions = Vec::new();
+    for &c in &CONCURRENCY {
+        let b = read_phase(&bare, c, plan.info_phase).await?;
+        let f = read_phase(&per_session, c, plan.info_phase).await?;
+        progress(&format!(
+            "reads c={c} with a session per read: bare {:.0}/s fleet {:.0}/s",
+            b.rps(),
+            f.rps()
+        ));
+        sessions.push(InfoRow {
+            concurrency: c,
+            bare: b,
+            fleet: f,
+        });
+    }
     let left = single.shutdown().await;
     if left > 0 {
         bail!("{left} leases of the single-replica fleet were still out at shutdown");
@@ -243,11 +261,11 @@ async fn run(plan: Plan) -> Result<Outcome> {
         ));
         info.push(InfoRow {
             concurrency: c,
-            bare_rr: b,
+            bare: b,
             fleet: f,
         });
     }
-    print_overhead(&overhead, &info, &mut csv);
+    print_overhead(&overhead, &sessions, &info, &mut csv);
 
     // ---- 3. Read-your-writes.
     let base = Arc::new(Baseline::new(
@@ -446,6 +464,8 @@ enum Reader {
     /// spreading reads over them).
     BareRoundRobin(Arc<[BarePool]>, Arc<AtomicUsize>),
     Fleet(Fleet),
+    /// A fleet, with a new session per read (the HTTP layer's pattern).
+    FleetSession(Fleet),
 }
 
 impl Reader {
@@ -457,6 +477,11 @@ impl Reader {
                 drop(baseline::get(p).await?)
             }
             Reader::Fleet(f) => drop(f.lease(Intent::Read(Consistency::Eventual)).await?),
+            Reader::FleetSession(f) => drop(
+                f.session()
+                    .lease(Intent::Read(Consistency::Eventual))
+                    .await?,
+            ),
         }
         Ok(())
     }
@@ -470,6 +495,11 @@ impl Reader {
             }
             Reader::Fleet(f) => {
                 let lease = f.lease(Intent::Read(Consistency::Eventual)).await?;
+                read_v(&lease, k).await
+            }
+            Reader::FleetSession(f) => {
+                let session = f.session();
+                let lease = session.lease(Intent::Read(Consistency::Eventual)).await?;
                 read_v(&lease, k).await
             }
         }
@@ -615,7 +645,7 @@ impl Phase {
 /// Both replicas, for information: bare round robin and the fleet, one phase each.
 struct InfoRow {
     concurrency: usize,
-    bare_rr: Phase,
+    bare: Phase,
     fleet: Phase,
 }
 
@@ -695,14 +725,16 @@ fn phase_figures(phases: &[Phase]) -> (f64, f64, f64, u64) {
     )
 }
 
-fn print_overhead(rows: &[OverheadRow], info: &[InfoRow], csv: &mut Csv) {
+fn print_overhead(rows: &[OverheadRow], sessions: &[InfoRow], info: &[InfoRow], csv: &mut Csv) {
     println!(
         "\n== End-to-end point reads (SELECT v FROM kv WHERE k = $1; query_typed: one round trip, unnamed statement) =="
     );
     println!(
         "rounds: {} per concurrency, each {SLICES} slices per side interleaved ABBA; reads/s is the median round, \
          p50/p99 over all rounds; ratio is the median of the per-round fleet/bare ratios \
-         (info rows: one round each, fleet over both replicas / bare pools on both in turn)",
+         (info rows: one round each; `session per read`: a new fleet.session() per read, as the HTTP layer \
+         per request, whose release reads the replica's position on the connection; `both`: fleet over both \
+         replicas / bare pools on both in turn)",
         rows.first().map_or(0, |r| r.ratios.len())
     );
     println!(
@@ -745,21 +777,39 @@ fn print_overhead(rows: &[OverheadRow], info: &[InfoRow], csv: &mut Csv) {
             Some(median(&r.ratios)),
         );
     }
-    for r in info {
-        line(
-            "bare round robin (both), info",
-            "bare_rr_both",
-            r.concurrency,
-            std::slice::from_ref(&r.bare_rr),
-            None,
-        );
-        line(
-            "fleet (both replicas), info",
-            "fleet_both",
-            r.concurrency,
-            std::slice::from_ref(&r.fleet),
-            Some(r.fleet.rps() / r.bare_rr.rps()),
-        );
+    let info_groups = [
+        (
+            sessions,
+            [
+                ("bare pool (replica1), info", "bare_session_info"),
+                ("fleet, session per read, info", "fleet_session"),
+            ],
+        ),
+        (
+            info,
+            [
+                ("bare round robin (both), info", "bare_rr_both"),
+                ("fleet (both replicas), info", "fleet_both"),
+            ],
+        ),
+    ];
+    for (group, [bare_name, fleet_name]) in info_groups {
+        for r in group {
+            line(
+                bare_name.0,
+                bare_name.1,
+                r.concurrency,
+                std::slice::from_ref(&r.bare),
+                None,
+            );
+            line(
+                fleet_name.0,
+                fleet_name.1,
+                r.concurrency,
+                std::slice::from_ref(&r.fleet),
+                Some(r.fleet.rps() / r.bare.rps()),
+            );
+        }
     }
     for r in rows {
         let ratios: Vec<String> = r.ratios.iter().map(|x| format!("{x:.3}")).collect();
@@ -1095,7 +1145,7 @@ fn draw_throughput(dir: &Path, rows: &[OverheadRow], info: &[InfoRow]) -> Result
         },
         chart::Series {
             name: "bare pools, round robin over both replicas".into(),
-            values: info.iter().map(|r| Some(r.bare_rr.rps())).collect(),
+            values: info.iter().map(|r| Some(r.bare.rps())).collect(),
         },
     ];
     chart::lines(
