@@ -1450,11 +1450,16 @@ fn check_url_at_signs(rest: &str) -> Result<(), UrlError> {
 pub(crate) fn env_reference(password: &[u8]) -> Option<&str> {
     let name = password.strip_prefix(b"${")?.strip_suffix(b"}")?;
     let name = std::str::from_utf8(name).ok()?;
+    is_env_name(name).then_some(name)
+}
+
+/// Whether `name` is a valid environment variable name: `[A-Za-z_][A-Za-z0-9_]*`.
+pub(crate) fn is_env_name(name: &str) -> bool {
     let mut chars = name.chars();
     let first_ok = chars
         .next()
         .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
-    (first_ok && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')).then_some(name)
+    first_ok && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 /// Why a URL was rejected. Messages never quote the input, which may hold a

@@ -53,14 +53,18 @@ pub(crate) struct ClusterCell {
 }
 
 impl ClusterCell {
+    /// The generations a reload replaced that something still holds.
+    fn retired_generations(&self) -> Vec<Arc<Shared>> {
+        self.retired.lock().map_or_else(
+            |_| Vec::new(),
+            |r| r.iter().filter_map(std::sync::Weak::upgrade).collect(),
+        )
+    }
+
     /// Leases on server `name` still held in generations a reload replaced.
     fn retired_in_flight(&self, name: &str) -> u64 {
-        let Ok(retired) = self.retired.lock() else {
-            return 0;
-        };
-        retired
+        self.retired_generations()
             .iter()
-            .filter_map(std::sync::Weak::upgrade)
             .map(|g| {
                 g.slots
                     .iter()
@@ -524,13 +528,7 @@ impl Fleet {
             .guard
             .clusters
             .iter()
-            .flat_map(|c| {
-                let retired = c.retired.lock().map_or_else(
-                    |_| Vec::new(),
-                    |r| r.iter().filter_map(std::sync::Weak::upgrade).collect(),
-                );
-                std::iter::once(c.current.load_full()).chain(retired)
-            })
+            .flat_map(|c| std::iter::once(c.current.load_full()).chain(c.retired_generations()))
             .collect();
         let clusters = || generations.iter();
         for s in clusters() {

@@ -8,7 +8,9 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use zeroize::Zeroizing;
 
-use crate::config::{check_duration, check_identifier, env_reference, invalid, ConfigError};
+use crate::config::{
+    check_duration, check_identifier, env_reference, invalid, is_env_name, ConfigError,
+};
 
 /// Shortest accepted signing key, in bytes: HMAC-SHA256 wants a key at least as long as
 /// its 256-bit output. Shorter keys are refused rather than warned about.
@@ -233,10 +235,7 @@ impl<'de> Deserialize<'de> for TokenKey {
         if raw.starts_with("${") {
             return Err(serde::de::Error::custom(KEY_MESSAGES[0]));
         }
-        if raw
-            .strip_prefix('$')
-            .is_some_and(|name| env_reference(format!("${{{name}}}").as_bytes()).is_some())
-        {
+        if raw.strip_prefix('$').is_some_and(is_env_name) {
             return Err(serde::de::Error::custom(KEY_MESSAGES[1]));
         }
         Ok(Self::new(raw.as_bytes().to_vec()))
